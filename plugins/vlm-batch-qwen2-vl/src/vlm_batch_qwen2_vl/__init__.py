@@ -1,0 +1,133 @@
+"""Qwen2-VL for vlm-batch: names, prompt format, image sizing, engine arguments, and a tiny checkpoint.
+
+Images are sized with qwen-vl-utils' `fetch_image`, the call VLMEvalKit's Qwen2VLChat makes, so
+the engine sees the same pixels VLMEvalKit would give it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vlm_batch import ModelCard, Request, hookimpl
+
+FAMILY = "qwen2-vl"
+SYSTEM = "You are a helpful assistant."
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+MAX_IMAGES = 24                       # VLMEvalKit's VLLM_MAX_IMAGE_INPUT_NUM for Qwen2-VL
+VLMEVAL_PIXELS = {"min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28}
+OCRBENCH_MIN_PIXELS = 10 * 10 * 28 * 28   # VLMEvalKit's per-dataset override
+
+# The chat template Qwen2-VL-Instruct checkpoints ship (a default system turn when none is given).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + SYSTEM + "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}" + IMAGE +
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+TINY_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+
+
+def build_tiny(path) -> None:
+    """A 0.65M-parameter Qwen2-VL with random weights (std 0.2, so outputs vary with the input)."""
+    import torch
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from vlm_batch.tiny import train_tokenizer
+
+    tok = train_tokenizer(SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE,
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    torch.manual_seed(0)
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"], initializer_range=0.2),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2,
+                           initializer_range=0.2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**TINY_PIXELS), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(path)
+
+
+def tiny_checkpoint() -> str:
+    from vlm_batch.tiny import ensure_checkpoint
+
+    return ensure_checkpoint("tiny-qwen2-vl", build_tiny)
+
+
+def _card(name, checkpoint, **kw):
+    return ModelCard(name=name, family=FAMILY, checkpoint=checkpoint,
+                     prompt_attrs={"_use_custom_prompt": True}, **kw)
+
+
+@hookimpl
+def vlm_batch_models():
+    real = dict(max_new_tokens=2048, options=VLMEVAL_PIXELS,
+                vllm_args={"max_model_len": 32768, "limit_mm_per_prompt": {"image": MAX_IMAGES}})
+    return [
+        _card("Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-2B-Instruct", **real),
+        _card("Qwen2-VL-7B-Instruct", "Qwen/Qwen2-VL-7B-Instruct", **real),
+        _card("Qwen2-VL-72B-Instruct", "Qwen/Qwen2-VL-72B-Instruct",
+              **{**real, "vllm_args": {**real["vllm_args"], "tensor_parallel_size": 4}}),
+        _card("tiny-qwen2-vl", tiny_checkpoint, vlmeval_name="Qwen2-VL-2B-Instruct", demo=True,
+              max_new_tokens=16, options=TINY_PIXELS,
+              vllm_args={"max_model_len": 2048, "limit_mm_per_prompt": {"image": 4}},
+              description="random-weight Qwen2-VL built locally; the embedded demo"),
+    ]
+
+
+def _pixels(card, dataset):
+    pixels = dict(card.options)
+    if dataset == "OCRBench":
+        pixels["min_pixels"] = OCRBENCH_MIN_PIXELS
+    return pixels
+
+
+@hookimpl
+def vlm_batch_prepare(card, message, dataset):
+    if card.family != FAMILY:
+        return None
+    from qwen_vl_utils import fetch_image
+
+    limit = card.vllm_args.get("limit_mm_per_prompt", {}).get("image", MAX_IMAGES)
+    pixels = _pixels(card, dataset)
+    text, images = "", []
+    for part in message:
+        if part["type"] == "image":
+            if len(images) < limit:
+                images.append(fetch_image({"image": part["image"], **pixels}))
+                text += IMAGE
+        elif part["type"] == "text":
+            text += part["value"]
+    prompt = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    return Request(prompt=prompt, images=images, max_new_tokens=card.max_new_tokens)
+
+
+@hookimpl
+def vlm_batch_image_tokens(card, width, height):
+    if card.family != FAMILY:
+        return None
+    from qwen_vl_utils import smart_resize
+
+    pixels = card.options
+    h, w = smart_resize(height, width, factor=28, min_pixels=pixels.get("min_pixels"),
+                        max_pixels=pixels.get("max_pixels"))
+    return math.ceil(h / 28) * math.ceil(w / 28)

@@ -1,0 +1,128 @@
+"""The `vlm-batch` command. Imports here stay light: `--help` must not load torch, vLLM or VLMEvalKit."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .sample_data import NAME as SAMPLE_DATASET
+
+
+def _fail(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
+                        else "%(levelname)s: %(message)s")
+    if not verbose:
+        for noisy in ("vlmeval", "httpx", "urllib3", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _resolve_model(name: str | None):
+    from .plugins import UnknownModel, get_model, get_models
+
+    if name:
+        try:
+            return get_model(name)
+        except UnknownModel as exc:
+            _fail(str(exc))
+    demos = [c for c in get_models().values() if c.demo]
+    if not demos:
+        _fail("No embedded demo model is installed; pass --model (see `vlm-batch models`) "
+              "or install a plugin that ships one, e.g. vlm-batch-qwen2-vl")
+    return demos[0]
+
+
+@click.group()
+@click.version_option(__version__, prog_name="vlm-batch")
+def cli():
+    """Run VLMEvalKit evaluations through batched engines (vLLM, transformers)."""
+
+
+@cli.command(name="eval")
+@click.option("--model", "model_name", help="VLMEvalKit model name; default: the embedded demo model.")
+@click.option("--dataset", "dataset_name", default=SAMPLE_DATASET, show_default=True,
+              help="VLMEvalKit dataset name, or a $LMUData/<name>.tsv file's name.")
+@click.option("--work-dir", default="./outputs", show_default=True,
+              help="Predictions go to WORK_DIR/MODEL/MODEL_DATASET.xlsx, as in VLMEvalKit.")
+@click.option("--mode", type=click.Choice(["all", "infer", "eval"]), default="all", show_default=True)
+@click.option("--judge", default="exact_matching", show_default=True,
+              help="VLMEvalKit judge; exact_matching scores offline.")
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
+@click.option("--use-vllm", is_flag=True, help="VLMEvalKit's flag; vLLM is the default engine anyway.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Sequences the engine runs at once (vLLM's max_num_seqs); default: the engine's own.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship their own code.")
+@click.option("--nproc", default=4, show_default=True, help="Judge processes.")
+@click.option("-v", "--verbose", is_flag=True, help="Engine logs and batch statistics.")
+def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vllm, batch_size, limit,
+                 trust_remote_code, nproc, verbose):
+    """Evaluate a model on a dataset; with no options, the embedded demo on the sample set."""
+    _setup_logging(verbose)
+    card = _resolve_model(model_name)
+    from .engines import EngineError
+    from .runner import PluginError, run_eval
+    from .vlmeval_bridge import DatasetError
+
+    if use_vllm:
+        engine = "vllm"
+    options = {"batch_size": batch_size, "trust_remote_code": trust_remote_code, "verbose": verbose}
+    try:
+        summary = run_eval(card, dataset_name, work_dir=work_dir, mode=mode, judge=judge, engine=engine,
+                           limit=limit, engine_options=options, nproc=nproc)
+    except (DatasetError, EngineError, PluginError) as exc:
+        _fail(str(exc))
+    _report(summary)
+
+
+def _report(summary) -> None:
+    click.echo(f"model {summary.model} | dataset {summary.dataset} | engine {summary.engine or '-'}")
+    if summary.engine:
+        click.echo(f"items {summary.items}, generated {summary.generated}, failed {len(summary.failed)}; "
+                   f"generation {summary.infer_s:.1f}s ({summary.items_per_s:.1f} items/s)")
+        for index, cause in list(summary.failed.items())[:20]:
+            click.echo(f"  failed item {index}: {cause}")
+    click.echo(f"predictions: {summary.prediction_file}")
+    if summary.score is not None:
+        click.echo("score:")
+        click.echo(summary.score.to_string(index=False) if hasattr(summary.score, "to_string")
+                   else str(summary.score))
+    click.echo(f"wall time {summary.wall_s:.1f}s")
+
+
+@cli.command()
+def models():
+    """Every model name, the plugin serving it and its engines."""
+    from .plugins import get_models
+
+    cards = get_models()
+    if not cards:
+        click.echo("No models: install a plugin, e.g. vlm-batch-qwen2-vl.")
+        return
+    width = max(len(n) for n in cards)
+    for name in sorted(cards):
+        card = cards[name]
+        extra = " (demo)" if card.demo else ""
+        click.echo(f"{name:<{width}}  {card.plugin}  engines: {', '.join(card.engines)}{extra}")
+
+
+@cli.command()
+def plugins():
+    """Installed plugins, their versions and the hooks each implements."""
+    from .plugins import get_plugins
+
+    for p in get_plugins():
+        version = f" {p['version']}" if p["version"] else ""
+        click.echo(f"{p['name']} ({p['distribution'] or 'in-process'}{version}): {', '.join(p['hooks'])}")
+
+
+def main():
+    cli()

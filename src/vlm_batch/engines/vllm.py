@@ -1,0 +1,133 @@
+"""The vLLM engine, offline (`vllm.LLM`), fed as a stream.
+
+A bounded window of requests stays in vLLM's queue and is refilled as each one finishes, so the
+scheduler always has work and the running set never drains between batches; each Result is
+yielded the moment its request finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from ..request import Result
+from . import EngineError, on_gpu
+
+log = logging.getLogger(__name__)
+
+CPU_ENV = {
+    "VLLM_HOST_IP": "127.0.0.1",        # otherwise vLLM's message queue binds the public interface
+    "VLLM_CPU_KVCACHE_SPACE": "1",      # GiB; vLLM-CPU's default takes a large share of RAM
+}
+QUIET_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def prepare_env(verbose: bool = False) -> None:
+    """Environment vLLM reads at import: CPU settings off-GPU, caches under ours, quiet logs."""
+    from ..tiny import cache_dir
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+    if not on_gpu():
+        for key, value in CPU_ENV.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+@dataclass
+class WindowStats:
+    """What the window looked like at each engine step: evidence the queue never ran dry."""
+    steps: int = 0
+    steps_with_pending: int = 0      # steps taken while more requests were still to come
+    min_in_flight_with_pending: int | None = None
+    max_in_flight: int = 0
+    in_flight_sum: int = 0
+    rejected: int = 0                # requests vLLM refused at submission (bad item, too long)
+    history: list = field(default_factory=list, repr=False)
+
+    def record(self, in_flight: int, pending: bool) -> None:
+        self.steps += 1
+        self.in_flight_sum += in_flight
+        self.max_in_flight = max(self.max_in_flight, in_flight)
+        if pending:
+            self.steps_with_pending += 1
+            if self.min_in_flight_with_pending is None or in_flight < self.min_in_flight_with_pending:
+                self.min_in_flight_with_pending = in_flight
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, card, *, batch_size: int | None = None, window: int | None = None,
+                 trust_remote_code: bool = False, verbose: bool = False, **overrides):
+        prepare_env(verbose)
+        from vllm import LLM
+
+        args = {"model": card.path(), "seed": 0, **card.vllm_args}
+        if not on_gpu():
+            args.update(dtype="float32", enforce_eager=True)
+        if batch_size:
+            args["max_num_seqs"] = batch_size
+        args["trust_remote_code"] = trust_remote_code
+        args.update(overrides)
+        self.card = card
+        self.args = {k: v for k, v in args.items() if k != "model"}
+        try:
+            self.llm = LLM(**args)
+        except Exception as exc:
+            raise EngineError(f"vLLM could not start {card.name}: {type(exc).__name__}: {exc}") from exc
+        max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        # Twice the running set: a finished slot is refilled from requests already queued.
+        self.window = window or 2 * max_seqs
+        self.max_num_seqs = max_seqs
+        self.stats = WindowStats()
+
+    def _sampling(self, request):
+        from vllm import SamplingParams
+
+        return SamplingParams(temperature=0.0, max_tokens=request.max_new_tokens, seed=0)
+
+    def _submit(self, request) -> str:
+        prompt = {"prompt": request.prompt}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": request.images}
+        if request.mm_kwargs:
+            prompt["mm_processor_kwargs"] = request.mm_kwargs
+        (request_id,) = self.llm.enqueue([prompt], self._sampling(request), use_tqdm=False)
+        return request_id.split("-")[0]  # vLLM appends a random suffix internally; outputs use the base id
+
+    def generate(self, requests):
+        engine = self.llm.llm_engine
+        in_flight: dict[str, object] = {}
+        source = iter(requests)
+        pending = True
+        while True:
+            while pending and len(in_flight) < self.window:
+                request = next(source, None)
+                if request is None:
+                    pending = False
+                    break
+                try:
+                    in_flight[self._submit(request)] = request
+                except Exception as exc:  # vLLM validates per request: too long, bad image, ...
+                    self.stats.rejected += 1
+                    yield Result.failed(request.index, exc)
+            if not in_flight:
+                return
+            self.stats.record(len(in_flight), pending)
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                request = in_flight.pop(out.request_id)
+                completion = out.outputs[0]
+                yield Result(index=request.index, text=completion.text,
+                             prompt_tokens=len(out.prompt_token_ids or ()),
+                             output_tokens=len(completion.token_ids))
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,35 @@
+"""The model card: what a plugin knows about one model, and nothing the core could work out itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str                                # the VLMEvalKit model name users type
+    family: str                              # the plugin's family; its hooks answer only for this
+    checkpoint: str | Callable[[], str]      # hub id or local path, or a builder for local tiny models
+    engines: tuple[str, ...] = ("vllm", "hf")
+    vlmeval_name: str | None = None          # whose VLMEvalKit prompt rules apply (default: name)
+    prompt_attrs: Mapping[str, Any] = field(default_factory=dict)  # what that class's prompt code reads
+    max_new_tokens: int = 512
+    vllm_args: Mapping[str, Any] = field(default_factory=dict)
+    hf_class: str = "AutoModelForImageTextToText"
+    trust_remote_code: bool = False          # the checkpoint ships code; the user must opt in
+    options: Mapping[str, Any] = field(default_factory=dict)  # plugin-private facts (pixels, limits)
+    description: str = ""
+    demo: bool = False                       # the embedded default `vlm-batch eval` runs with no --model
+    plugin: str = ""                         # filled in by the plugin manager
+
+    @property
+    def prompt_name(self) -> str:
+        return self.vlmeval_name or self.name
+
+    def path(self) -> str:
+        """The local or hub location of the weights, building a tiny local model on first use."""
+        return self.checkpoint() if callable(self.checkpoint) else self.checkpoint
+
+    def with_plugin(self, plugin: str) -> "ModelCard":
+        return replace(self, plugin=plugin)

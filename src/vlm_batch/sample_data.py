@@ -1,0 +1,112 @@
+"""`VLMBatchShapes`: a small MCQ set of drawn shapes, written as a VLMEvalKit TSV on first use.
+
+Generated from a seed, so the demo and the tests need no download and get the same rows everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import random
+import string
+from pathlib import Path
+
+NAME = "VLMBatchShapes"
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20),
+    "purple": (140, 40, 170), "orange": (245, 130, 20),
+}
+QUESTIONS = {
+    "shape": "What shape is shown in the image?",
+    "colour": "What colour is the shape in the image?",
+}
+SIZE = 112
+
+
+def draw(shape: str, colour: str, rng: random.Random, size: int = SIZE):
+    """One PIL image: a filled shape of one colour at a random place and scale on a light background."""
+    from PIL import Image, ImageDraw
+
+    bg = tuple(rng.randint(225, 255) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r + 2, size - r - 2), rng.randint(r + 2, size - r - 2)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    elif shape == "cross":
+        w = max(2, r // 3)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    return img
+
+
+def encode(img, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def rows(n: int = 160, seed: int = 0, n_options: int = 4):
+    """MCQ rows in VLMEvalKit's columns; the answer's position is shuffled per row."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = "shape" if i % 2 == 0 else "colour"
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        truth = shape if kind == "shape" else colour
+        pool = [x for x in (SHAPES if kind == "shape" else list(COLOURS)) if x != truth]
+        options = rng.sample(pool, n_options - 1) + [truth]
+        rng.shuffle(options)
+        letters = string.ascii_uppercase[:n_options]
+        row = {"index": i, "image": encode(draw(shape, colour, rng)), "question": QUESTIONS[kind]}
+        row.update(dict(zip(letters, options)))
+        row.update(answer=letters[options.index(truth)], category=kind, split="dev")
+        out.append(row)
+    return out
+
+
+def lmudata_root() -> Path:
+    """VLMEvalKit's data root, resolved as VLMEvalKit does, without importing it."""
+    env = os.environ.get("LMUData")
+    if env and os.path.exists(env):
+        return Path(env)
+    return Path.home() / "LMUData"
+
+
+def write_tsv(path: Path, data: list[dict]) -> Path:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tsv.tmp")
+    pd.DataFrame(data).to_csv(tmp, sep="\t", index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def ensure(name: str = NAME) -> Path:
+    """Write the sample TSV into `$LMUData` unless it is already there."""
+    path = lmudata_root() / f"{name}.tsv"
+    if not path.exists():
+        write_tsv(path, rows())
+    return path
+
+
+def corpus() -> list[str]:
+    """Text a tiny tokenizer is trained on: the sample's words plus VLMEvalKit's prompt phrasing."""
+    words = list(SHAPES) + list(COLOURS) + list(QUESTIONS.values())
+    phrases = [
+        "Question: ", "Options:\n", "Hint: ", "Answer: ", "Please select the correct answer from the options above.",
+        "Answer with the option's letter from the given choices directly.",
+        "Please answer yes or no.", "Please try to answer the question with short words or phrases if possible.",
+        "You are a helpful assistant.", "system", "user", "assistant", "model", "The answer is",
+    ]
+    letters = [f"{c}. {w}\n" for c in string.ascii_uppercase[:6] for w in words[:10]]
+    return (words + phrases + letters) * 20 + list(string.printable)

@@ -1,0 +1,44 @@
+"""Test setup: everything offline and under a temp dir; one vLLM engine for the whole session."""
+
+import os
+import tempfile
+
+import pytest
+
+_ROOT = tempfile.mkdtemp(prefix="vlm-batch-tests-")
+# Before anything imports VLMEvalKit or transformers: data, caches and the hub all local.
+os.environ["LMUData"] = os.path.join(_ROOT, "LMUData")
+os.makedirs(os.environ["LMUData"], exist_ok=True)
+os.environ.setdefault("VLM_BATCH_HOME", os.path.join(_ROOT, "home"))
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(_ROOT, "hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_card():
+    from vlm_batch.plugins import get_model
+
+    return get_model("tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_card):
+    """The session's one vLLM engine (each start costs 30-45 s on this CPU)."""
+    from vlm_batch.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(tiny_card)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def shapes():
+    from vlm_batch import vlmeval_bridge
+
+    return vlmeval_bridge.load_dataset("VLMBatchShapes")
+
+
+@pytest.fixture
+def lmudata():
+    from pathlib import Path
+
+    return Path(os.environ["LMUData"])
