@@ -26,8 +26,9 @@ TEST = ["pytest>=8", "hypothesis>=6", "pytest-timeout"]
 CUDA_ONLY = ["torchaudio", "torchcodec", "triton"]
 # Two fake-op registrations in torchvision need its compiled ops; guard them so it imports.
 TORCHVISION_FIX = r'''
-import re, pathlib, torchvision
-p = pathlib.Path(torchvision.__file__).with_name("_meta_registrations.py")
+import importlib.util, pathlib, re
+spec = importlib.util.find_spec("torchvision")   # locate without importing: the import is what fails
+p = pathlib.Path(spec.submodule_search_locations[0]) / "_meta_registrations.py"
 s = p.read_text()
 new = re.sub(r'^@torch\.library\.register_fake\(("torchvision::q?nms")\)',
              r'@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))',
