@@ -59,12 +59,16 @@ def cli():
 @click.option("--use-vllm", is_flag=True, help="VLMEvalKit's flag; vLLM is the default engine anyway.")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Sequences the engine runs at once (vLLM's max_num_seqs); default: the engine's own.")
+@click.option("--max-batch-memory", help="Memory a transformers batch may use, e.g. 20GiB; default: "
+              "from free device memory.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship their own code.")
 @click.option("--nproc", default=4, show_default=True, help="Judge processes.")
+@click.option("--prep-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes preparing prompts and images (0: this one); helps when images are large.")
 @click.option("-v", "--verbose", is_flag=True, help="Engine logs and batch statistics.")
-def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vllm, batch_size, limit,
-                 trust_remote_code, nproc, verbose):
+def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vllm, batch_size,
+                 max_batch_memory, limit, trust_remote_code, nproc, prep_workers, verbose):
     """Evaluate a model on a dataset; with no options, the embedded demo on the sample set."""
     _setup_logging(verbose)
     card = _resolve_model(model_name)
@@ -75,27 +79,77 @@ def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vl
     if use_vllm:
         engine = "vllm"
     options = {"batch_size": batch_size, "trust_remote_code": trust_remote_code, "verbose": verbose}
+    if max_batch_memory:
+        from .memory import parse_size
+
+        if engine != "hf":
+            _fail("--max-batch-memory sizes transformers batches; vLLM manages its own memory")
+        try:
+            options["max_batch_memory"] = parse_size(max_batch_memory)
+        except ValueError as exc:
+            _fail(str(exc))
     try:
         summary = run_eval(card, dataset_name, work_dir=work_dir, mode=mode, judge=judge, engine=engine,
-                           limit=limit, engine_options=options, nproc=nproc)
+                           limit=limit, engine_options=options, nproc=nproc, prep_workers=prep_workers)
     except (DatasetError, EngineError, PluginError) as exc:
         _fail(str(exc))
-    _report(summary)
+    _report(summary, verbose)
 
 
-def _report(summary) -> None:
+def _report(summary, verbose: bool = False) -> None:
     click.echo(f"model {summary.model} | dataset {summary.dataset} | engine {summary.engine or '-'}")
     if summary.engine:
         click.echo(f"items {summary.items}, generated {summary.generated}, failed {len(summary.failed)}; "
                    f"generation {summary.infer_s:.1f}s ({summary.items_per_s:.1f} items/s)")
         for index, cause in list(summary.failed.items())[:20]:
             click.echo(f"  failed item {index}: {cause}")
+        if verbose:
+            for key, value in summary.engine_stats.items():
+                click.echo(f"  {key}: {value}")
     click.echo(f"predictions: {summary.prediction_file}")
     if summary.score is not None:
         click.echo("score:")
         click.echo(summary.score.to_string(index=False) if hasattr(summary.score, "to_string")
                    else str(summary.score))
     click.echo(f"wall time {summary.wall_s:.1f}s")
+
+
+@cli.command()
+@click.option("--model", "model_name", help="VLMEvalKit model name; default: the embedded demo model.")
+@click.option("--dataset", "dataset_name", default=SAMPLE_DATASET, show_default=True)
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
+@click.option("--limit", type=click.IntRange(min=4), default=128, show_default=True, help="Items to run.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Engine's sequences at once (as in eval).")
+@click.option("--json", "json_path", default="bench.json", show_default=True, help="Where the figures go.")
+@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved rounds; each mode's median is reported.")
+@click.option("--prep-workers", type=click.IntRange(min=0), default=0, show_default=True, help="As in eval.")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def bench(model_name, dataset_name, engine, limit, batch_size, json_path, repeat, prep_workers,
+          trust_remote_code, verbose):
+    """Items/s one at a time, in fixed batches of 4, and batched by vlm-batch, in one run."""
+    _setup_logging(verbose)
+    card = _resolve_model(model_name)
+    from .bench import run_bench, write_json
+    from .engines import EngineError
+    from .vlmeval_bridge import DatasetError
+
+    options = {"batch_size": batch_size, "trust_remote_code": trust_remote_code, "verbose": verbose}
+    try:
+        report = run_bench(card, dataset_name, engine=engine, limit=limit, engine_options=options,
+                           prep_workers=prep_workers, repeat=repeat, log=click.echo)
+    except (DatasetError, EngineError) as exc:
+        _fail(str(exc))
+    write_json(report, json_path)
+    for name, ratio in report["ratios"].items():
+        click.echo(f"{name.replace('_', ' ')}: {ratio}x")
+    same = report["same_predictions"]
+    verdict = "identical" if all(same.values()) else "DIFFERENT: " + ", ".join(k for k, v in same.items() if not v)
+    click.echo(f"greedy predictions across modes: {verdict}")
+    click.echo(f"figures: {json_path}")
+    if not all(same.values()):
+        sys.exit(1)
 
 
 @cli.command()

@@ -66,17 +66,30 @@ def approx_text_tokens(prompt: str) -> int:
     return len(re.findall(r"\w+|[^\w\s]", prompt))
 
 
-def request_tokens(card, request) -> int:
+def prompt_tokens(card, request) -> int:
+    """The prompt's tokens, images included, without loading a tokenizer."""
     from .plugins import pm
 
-    text = request.prompt_tokens or approx_text_tokens(request.prompt)
-    images = sum(pm.hook.vlm_batch_image_tokens(card=card, width=im.width, height=im.height)
-                 for im in request.images)
-    return text + images + request.max_new_tokens
+    return approx_text_tokens(request.prompt) + sum(
+        pm.hook.vlm_batch_image_tokens(card=card, width=im.width, height=im.height) for im in request.images)
+
+
+def request_tokens(card, request) -> int:
+    """Tokens a request holds at its longest: its prompt (images included) plus all new tokens."""
+    return (request.prompt_tokens or prompt_tokens(card, request)) + request.max_new_tokens
+
+
+def activation_bytes_per_token(cfg: dict, dtype: str | None = None) -> int:
+    """Transient per-token memory of one layer's forward pass (residual, attention and MLP)."""
+    t = text_config(cfg)
+    hidden = int(t.get("hidden_size") or 0)
+    inter = int(t.get("intermediate_size") or 4 * hidden)
+    return (2 * hidden + 2 * inter) * dtype_bytes(cfg, dtype)
 
 
 def estimate_request_bytes(card, request, dtype: str | None = None) -> int:
-    return request_tokens(card, request) * kv_bytes_per_token(model_config(card), dtype)
+    cfg = model_config(card)
+    return request_tokens(card, request) * (kv_bytes_per_token(cfg, dtype) + activation_bytes_per_token(cfg, dtype))
 
 
 def parse_size(text: str | None) -> int | None:

@@ -15,8 +15,9 @@ class Request:
     max_new_tokens: int = 512
     index: Any = None              # the dataset row's index (set by the core): names the item
     dataset: str = ""
-    prompt_tokens: int = 0         # filled by whoever tokenizes first; used for sorting and memory
+    prompt_tokens: int = 0         # tokens the model sees, images included; set by whoever counts first
     mm_kwargs: dict = field(default_factory=dict)  # per-request processor arguments
+    memory: int = 0                # device bytes it needs (estimate_memory hook), once computed
 
     @property
     def shape(self) -> tuple:

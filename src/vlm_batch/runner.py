@@ -32,6 +32,7 @@ class RunSummary:
     output_tokens: int = 0
     prediction_file: str | None = None
     score: Any = None
+    engine_stats: dict = field(default_factory=dict)
 
     @property
     def items_per_s(self) -> float:
@@ -45,26 +46,36 @@ def decode_images(message: list[dict]) -> list[dict]:
 
 
 def prepare(card, index, message, dataset_name: str):
+    """One message as an engine Request, sized (tokens, memory) here so batching needs no tokenizer."""
+    from .memory import prompt_tokens
+
     request = pm.hook.vlm_batch_prepare(card=card, message=decode_images(message), dataset=dataset_name)
     if request is None:
         raise PluginError(f"no plugin prepares requests for '{card.name}' (family {card.family})")
     request.index, request.dataset = index, dataset_name
+    request.prompt_tokens = request.prompt_tokens or prompt_tokens(card, request)
+    request.memory = request.memory or pm.hook.vlm_batch_estimate_memory(card=card, request=request)
     return request
 
 
-def build_requests(card, dataset, failures: list):
-    """Requests for every row, lazily; a row that cannot become one is recorded and skipped."""
-    build = bridge.prompt_builder(card, dataset)
-    name = dataset.dataset_name
-    for i in range(len(dataset.data)):
-        line = dataset.data.iloc[i]
-        index = line["index"]
-        try:
-            yield prepare(card, index, build(line), name)
-        except Exception as exc:
-            result = Result.failed(index, exc)
-            log.warning("item %s failed before generation: %s", index, result.error)
-            failures.append(result)
+def prepare_row(card, dataset, build, i: int):
+    """Row `i` as a Request, or as a failed Result naming the row and the cause."""
+    line = dataset.data.iloc[i]
+    index = line["index"]
+    try:
+        return prepare(card, index, build(line), dataset.dataset_name)
+    except Exception as exc:
+        result = Result.failed(index, exc)
+        log.warning("item %s failed before generation: %s", index, result.error)
+        return result
+
+
+def build_requests(card, dataset, failures: list, workers: int = 0):
+    """Requests for every row, in order, prepared in this process (workers=0) or in a pool."""
+    from .prefetch import Preparer
+
+    with Preparer(card, dataset, workers) as preparer:
+        yield from preparer.requests(failures)
 
 
 def generate(card, engine, requests) -> dict:
@@ -79,9 +90,10 @@ def generate(card, engine, requests) -> dict:
 
 def run_eval(card, dataset_name: str, *, work_dir: str = "./outputs", mode: str = "all",
              judge: str = bridge.DEFAULT_JUDGE, engine="vllm", limit: int | None = None,
-             engine_options: dict | None = None, nproc: int = 4) -> RunSummary:
+             engine_options: dict | None = None, nproc: int = 4, prep_workers: int = 0) -> RunSummary:
     """`engine` is an engine name, or an engine already running (the caller then closes it)."""
-    from .engines import check_choice, load_engine
+    from .engines import check_choice, engine_stats, load_engine
+    from .prefetch import Preparer
 
     started = time.perf_counter()
     options = engine_options or {}
@@ -92,16 +104,19 @@ def run_eval(card, dataset_name: str, *, work_dir: str = "./outputs", mode: str 
     summary = RunSummary(card.name, dataset_name, items=len(dataset.data))
     summary.prediction_file = bridge.prediction_file(work_dir, card.name, dataset_name)
     if mode in ("all", "infer"):
-        eng = load_engine(engine, card, **options) if own_engine else engine
-        summary.engine = eng.name
-        try:
-            t0 = time.perf_counter()
-            failures: list = []
-            results = generate(card, eng, build_requests(card, dataset, failures))
-            summary.infer_s = time.perf_counter() - t0
-        finally:
-            if own_engine:
-                eng.close()
+        with Preparer(card, dataset, prep_workers) as preparer:   # a pool forks before the engine starts
+            eng = load_engine(engine, card, **options) if own_engine else engine
+            summary.engine = eng.name
+            try:
+                t0 = time.perf_counter()
+                failures: list = []
+                results = generate(card, eng, preparer.requests(failures))
+                summary.infer_s = time.perf_counter() - t0
+                summary.engine_stats = engine_stats(eng)
+                log.debug("engine: %s", summary.engine_stats)
+            finally:
+                if own_engine:
+                    eng.close()
         results.update({r.index: r for r in failures})
         summary.generated = sum(r.ok for r in results.values())
         summary.output_tokens = sum(r.output_tokens for r in results.values())

@@ -93,9 +93,10 @@ def prompt_builder(card, dataset):
         return dataset.build_prompt
     model = prompt_model(card, dataset)
     name = dataset.dataset_name
-    if model is not None and model.use_custom_prompt(name):
-        return functools.partial(model.build_prompt, dataset=name)
-    return dataset.build_prompt
+    with warnings.catch_warnings():   # "custom dataset, treated as MCQ" is expected for local TSVs
+        warnings.simplefilter("ignore")
+        custom = model is not None and model.use_custom_prompt(name)
+    return functools.partial(model.build_prompt, dataset=name) if custom else dataset.build_prompt
 
 
 def prediction_file(work_dir: str, model_name: str, dataset_name: str) -> str:

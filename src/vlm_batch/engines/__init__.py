@@ -42,3 +42,21 @@ def on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def engine_stats(engine) -> dict:
+    """What the engine saw in its latest run: its settings, vLLM's window, the batches and splits."""
+    out = {"args": {k: v for k, v in getattr(engine, "args", {}).items()
+                    if isinstance(v, (int, float, str, bool))}}
+    window = getattr(engine, "stats", None)
+    if window is not None:
+        out["window"] = {"size": engine.window, "max_num_seqs": engine.max_num_seqs, "steps": window.steps,
+                         "min_in_flight_while_pending": window.min_in_flight_with_pending,
+                         "mean_in_flight": round(window.in_flight_sum / max(window.steps, 1), 1),
+                         "rejected": window.rejected}
+    last = getattr(engine, "last", None)
+    if last:
+        collector, metrics = last
+        out["collector"] = {"batches": collector.batches, "causes": dict(collector.causes)}
+        out["processor"] = metrics.as_dict()
+    return out

@@ -7,6 +7,7 @@ yielded the moment its request finishes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class WindowStats:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, card, *, batch_size: int | None = None, window: int | None = None,
+    def __init__(self, card, *, batch_size: int | None = None, window: int | None = None, gate: int = 32,
                  trust_remote_code: bool = False, verbose: bool = False, **overrides):
         prepare_env(verbose)
         from vllm import LLM
@@ -82,6 +83,7 @@ class VLLMEngine:
         max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         # Twice the running set: a finished slot is refilled from requests already queued.
         self.window = window or 2 * max_seqs
+        self.gate = gate
         self.max_num_seqs = max_seqs
         self.stats = WindowStats()
 
@@ -101,23 +103,25 @@ class VLLMEngine:
 
     def generate(self, requests):
         engine = self.llm.llm_engine
+        stats = self.stats = WindowStats()   # per call, so a caller reads this run's window alone
         in_flight: dict[str, object] = {}
         source = iter(requests)
         pending = True
         while True:
             while pending and len(in_flight) < self.window:
-                request = next(source, None)
-                if request is None:
-                    pending = False
-                    break
-                try:
-                    in_flight[self._submit(request)] = request
-                except Exception as exc:  # vLLM validates per request: too long, bad image, ...
-                    self.stats.rejected += 1
-                    yield Result.failed(request.index, exc)
+                # Prepare a group before handing any to vLLM: a trickle would have it run near-empty steps.
+                want = min(self.window - len(in_flight), self.gate)
+                group = list(itertools.islice(source, want))
+                pending = len(group) == want
+                for request in group:
+                    try:
+                        in_flight[self._submit(request)] = request
+                    except Exception as exc:  # vLLM validates per request: too long, bad image, ...
+                        stats.rejected += 1
+                        yield Result.failed(request.index, exc)
             if not in_flight:
                 return
-            self.stats.record(len(in_flight), pending)
+            stats.record(len(in_flight), pending)
             for out in engine.step():
                 if not out.finished:
                     continue
@@ -126,6 +130,11 @@ class VLLMEngine:
                 yield Result(index=request.index, text=completion.text,
                              prompt_tokens=len(out.prompt_token_ids or ()),
                              output_tokens=len(completion.token_ids))
+
+    def run_batch(self, requests: list) -> list:
+        """Exactly these requests together, waiting for all: the fixed-batch pattern, for comparison."""
+        by_index = {r.index: r for r in self.generate(requests)}
+        return [by_index[r.index] for r in requests]
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

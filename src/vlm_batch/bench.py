@@ -1,0 +1,94 @@
+"""`vlm-batch bench`: one engine, the same requests, three ways of feeding it, measured in one run.
+
+(a) one at a time, as VLMEvalKit's loop does; (b) fixed batches of 4, waiting for each, as the seed
+did; (c) vlm-batch's batching on already-prepared requests; and the whole pipeline (rows, prompts,
+images, prepare, engine) to show what preparation costs. Predictions must agree across all four.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+from . import runner
+from . import vlmeval_bridge as bridge
+from .engines import engine_stats, load_engine
+from .prefetch import Preparer
+
+
+def _timed(fn):
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started
+
+
+def _texts(results) -> dict:
+    return {r.index: r.prediction for r in results}
+
+
+def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128, fixed: int = 4,
+              engine_options: dict | None = None, prep_workers: int = 0, repeat: int = 5,
+              log=print) -> dict:
+    dataset = bridge.load_dataset(dataset_name, limit)
+    failures: list = []
+    requests, prep_s = _timed(lambda: list(runner.build_requests(card, dataset, failures)))
+    if failures:
+        raise RuntimeError(f"{len(failures)} items could not be prepared, e.g. {failures[0].error}")
+    # Forked before the engine, as in an eval; not eager, so each timed round prepares from scratch.
+    preparer = Preparer(card, bridge.load_dataset(dataset_name, limit), prep_workers, eager=False)
+    eng = load_engine(engine, card, **(engine_options or {}))
+    chunks = [requests[i:i + fixed] for i in range(0, len(requests), fixed)]
+    runs = {
+        "one_at_a_time": lambda: [r for q in requests for r in eng.run_batch([q])],
+        f"fixed_{fixed}": lambda: [r for c in chunks for r in eng.run_batch(c)],
+        "vlm_batch": lambda: list(eng.generate(requests)),
+        "pipeline": lambda: list(runner.generate(card, eng, preparer.requests(failures)).values()),
+    }
+    times: dict = {k: [] for k in runs}
+    outputs: dict = {k: [] for k in runs}
+    details = {}
+    try:
+        eng.run_batch(requests[:2])   # warm-up: first-call costs are not batching's business
+        log(f"bench: {len(requests)} items of {dataset_name} on {card.name} ({engine}), "
+            f"median of {repeat} interleaved rounds")
+        for _ in range(repeat):   # interleaved, so drift in machine load hits every mode alike
+            for name, fn in runs.items():
+                out, seconds = _timed(fn)
+                times[name].append(seconds)
+                outputs[name].append(_texts(out))
+                if name == "vlm_batch":
+                    details = engine_stats(eng)
+    finally:
+        eng.close()
+        preparer.close()
+    modes = {k: statistics.median(v) for k, v in times.items()}
+    for name, seconds in modes.items():
+        log(f"  {name.replace('_', ' '):<16} {len(requests) / seconds:8.2f} items/s")
+    rate = {k: len(requests) / v for k, v in modes.items()}
+    reference = outputs["one_at_a_time"][0]
+    agree = {k: all(o == reference for o in v) for k, v in outputs.items()}
+    report = {
+        "model": card.name, "dataset": dataset_name, "engine": engine, "items": len(requests),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "prepare_s": round(prep_s, 3),
+        "prep_workers": preparer.workers,
+        "repeat": repeat,
+        "seconds": {k: round(v, 3) for k, v in modes.items()},
+        "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "items_per_s": {k: round(v, 2) for k, v in rate.items()},
+        "ratios": {
+            "vlm_batch_vs_one_at_a_time": round(rate["vlm_batch"] / rate["one_at_a_time"], 2),
+            f"vlm_batch_vs_fixed_{fixed}": round(rate["vlm_batch"] / rate[f"fixed_{fixed}"], 2),
+            "pipeline_vs_bare_engine": round(rate["pipeline"] / rate["vlm_batch"], 3),
+        },
+        "same_predictions": agree,
+        "engine_details": details,
+    }
+    return report
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(report, fh, indent=2)
