@@ -36,7 +36,7 @@ def _resolve_model(name: str | None):
     demos = [c for c in get_models().values() if c.demo]
     if not demos:
         _fail("No embedded demo model is installed; pass --model (see `vlm-batch models`) "
-              "or install a plugin that ships one, e.g. vlm-batch-qwen2-vl")
+              "or install a model plugin that ships one (see the README)")
     return demos[0]
 
 
@@ -159,7 +159,7 @@ def models():
 
     cards = get_models()
     if not cards:
-        click.echo("No models: install a plugin, e.g. vlm-batch-qwen2-vl.")
+        click.echo("No models: install a model plugin (see the README).")
         return
     width = max(len(n) for n in cards)
     for name in sorted(cards):

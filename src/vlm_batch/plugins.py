@@ -58,7 +58,7 @@ class UnknownModel(LookupError):
 def get_model(name: str):
     cards = get_models()
     if name not in cards:
-        known = ", ".join(sorted(cards)) or "none (install a plugin, e.g. vlm-batch[qwen2-vl])"
+        known = ", ".join(sorted(cards)) or "none (install a model plugin; see the README)"
         raise UnknownModel(f"Unknown model '{name}'. Available: {known}")
     return cards[name]
 
