@@ -42,3 +42,24 @@ def lmudata():
     from pathlib import Path
 
     return Path(os.environ["LMUData"])
+
+
+@pytest.fixture
+def vlmeval_qwen(monkeypatch, tiny_card):
+    """VLMEvalKit's real Qwen2VLChat on the tiny checkpoint (weights stubbed: only prompts matter);
+    its `generate` records each message it is given and answers "A"."""
+    import transformers
+    import vlmeval.vlm.qwen2_vl.model as qwen_model
+
+    monkeypatch.setattr(qwen_model, "get_gpu_memory", lambda: [80_000])
+    monkeypatch.setattr(transformers.Qwen2VLForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: type("Stub", (), {"eval": lambda self: None})()))
+    model = qwen_model.Qwen2VLChat(model_path=tiny_card.path(), **tiny_card.options)
+    model.recorded = {}
+
+    def record(message, dataset=None):
+        model.recorded[len(model.recorded)] = (message, dataset)
+        return "A"
+
+    model.generate = record
+    return model

@@ -31,3 +31,50 @@ def mmbench_rows(n: int = 12, seed: int = 1):
 def write_dataset(root, name: str, rows) -> str:
     sample_data.write_tsv(root / f"{name}.tsv", rows)
     return name
+
+
+def image_b64(img, fmt: str = "PNG", **save) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def shape_rows(n: int, seed: int = 3):
+    """Sample-set rows with fresh indices, for tests that need their own dataset."""
+    return sample_data.rows(n, seed=seed)
+
+
+# Runs the CLI with an in-process plugin that writes each request's index to $VLM_BATCH_TEST_TRACE
+# as the engine takes it: the count of engine calls per item, across killed and resumed runs.
+TRACED_CLI = r'''
+import os, sys
+from vlm_batch import hookimpl
+from vlm_batch.plugins import pm
+
+class Trace:
+    @hookimpl(tryfirst=True)
+    def vlm_batch_generate(self, card, engine, requests):
+        def traced():
+            with open(os.environ["VLM_BATCH_TEST_TRACE"], "a") as fh:
+                for request in requests:
+                    fh.write(f"{request.index}\n")
+                    fh.flush()
+                    yield request
+        return engine.generate(traced())
+
+pm.register(Trace(), name="trace")
+from vlm_batch.cli import cli
+cli(sys.argv[1:])
+'''
+
+
+def read_trace(path) -> list[int]:
+    import os
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [int(x) for x in fh.read().split()]

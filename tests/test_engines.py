@@ -96,7 +96,7 @@ def test_vllm_stream_equals_one_at_a_time_and_window_never_empties(vllm_engine, 
 
 def test_bench_reports_modes_ratios_and_agreement(tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(cli, ["bench", "--engine", "hf", "--limit", "16", "--json", str(out)])
+    result = CliRunner().invoke(cli, ["bench", "--engine", "hf", "--limit", "16", "--repeat", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert set(report["items_per_s"]) == {"one_at_a_time", "fixed_4", "vlm_batch", "pipeline"}

@@ -1,7 +1,8 @@
 """Prompt parity: vlm-batch sends what VLMEvalKit's own loop would send for the same model and data.
 
 The oracle is VLMEvalKit itself: its `infer_data_job` runs over a real `Qwen2VLChat` (weights
-replaced by a stand-in, since only prompts are compared) whose `generate` records each message.
+replaced by a stand-in, since only prompts are compared) whose `generate` records each message
+(the `vlmeval_qwen` fixture in conftest.py).
 """
 
 import pytest
@@ -12,26 +13,6 @@ from vlm_batch.plugins import get_model
 
 # An official MMBench-style MCQ name VLMEvalKit loads from $LMUData without an MD5 check.
 MMB = "MMBench_V11_MINI"
-
-
-@pytest.fixture
-def vlmeval_qwen(monkeypatch, tiny_card):
-    """VLMEvalKit's real Qwen2VLChat on the tiny checkpoint; `generate` records messages."""
-    import transformers
-    import vlmeval.vlm.qwen2_vl.model as qwen_model
-
-    monkeypatch.setattr(qwen_model, "get_gpu_memory", lambda: [80_000])
-    monkeypatch.setattr(transformers.Qwen2VLForConditionalGeneration, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: type("Stub", (), {"eval": lambda self: None})()))
-    model = qwen_model.Qwen2VLChat(model_path=tiny_card.path(), **tiny_card.options)
-    model.recorded = {}
-
-    def record(message, dataset=None):
-        model.recorded[len(model.recorded)] = (message, dataset)
-        return "A"
-
-    model.generate = record
-    return model
 
 
 def vlmeval_messages(model, dataset, work_dir):

@@ -36,15 +36,14 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
     requests, prep_s = _timed(lambda: list(runner.build_requests(card, dataset, failures)))
     if failures:
         raise RuntimeError(f"{len(failures)} items could not be prepared, e.g. {failures[0].error}")
-    # Forked before the engine, as in an eval; not eager, so each timed round prepares from scratch.
-    preparer = Preparer(card, bridge.load_dataset(dataset_name, limit), prep_workers, eager=False)
+    preparer = Preparer(card, bridge.load_dataset(dataset_name, limit), prep_workers)   # forks before the engine
     eng = load_engine(engine, card, **(engine_options or {}))
     chunks = [requests[i:i + fixed] for i in range(0, len(requests), fixed)]
     runs = {
         "one_at_a_time": lambda: [r for q in requests for r in eng.run_batch([q])],
         f"fixed_{fixed}": lambda: [r for c in chunks for r in eng.run_batch(c)],
         "vlm_batch": lambda: list(eng.generate(requests)),
-        "pipeline": lambda: list(runner.generate(card, eng, preparer.requests(failures)).values()),
+        "pipeline": lambda: list(runner.generate(card, eng, preparer.requests(failures))),
     }
     times: dict = {k: [] for k in runs}
     outputs: dict = {k: [] for k in runs}

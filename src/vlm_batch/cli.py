@@ -66,9 +66,10 @@ def cli():
 @click.option("--nproc", default=4, show_default=True, help="Judge processes.")
 @click.option("--prep-workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes preparing prompts and images (0: this one); helps when images are large.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 when any item failed.")
 @click.option("-v", "--verbose", is_flag=True, help="Engine logs and batch statistics.")
 def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vllm, batch_size,
-                 max_batch_memory, limit, trust_remote_code, nproc, prep_workers, verbose):
+                 max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, verbose):
     """Evaluate a model on a dataset; with no options, the embedded demo on the sample set."""
     _setup_logging(verbose)
     card = _resolve_model(model_name)
@@ -93,16 +94,30 @@ def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vl
                            limit=limit, engine_options=options, nproc=nproc, prep_workers=prep_workers)
     except (DatasetError, EngineError, PluginError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: every finished item is saved; rerun the same command to resume.", err=True)
+        sys.exit(130)
     _report(summary, verbose)
+    if summary.eval_error:
+        click.echo(f"Error: evaluation failed ({summary.eval_error}); the predictions are kept in "
+                   f"{summary.prediction_file}", err=True)
+        sys.exit(1)
+    if strict and summary.failed:
+        sys.exit(1)
 
 
 def _report(summary, verbose: bool = False) -> None:
     click.echo(f"model {summary.model} | dataset {summary.dataset} | engine {summary.engine or '-'}")
-    if summary.engine:
-        click.echo(f"items {summary.items}, generated {summary.generated}, failed {len(summary.failed)}; "
-                   f"generation {summary.infer_s:.1f}s ({summary.items_per_s:.1f} items/s)")
+    if summary.engine or summary.resumed:
+        click.echo(f"items {summary.items}: generated {summary.generated}, resumed {summary.resumed}, "
+                   f"failed {len(summary.failed)}; generation {summary.infer_s:.1f}s "
+                   f"({summary.items_per_s:.1f} items/s)" + (f"; engine restarts {summary.restarts}"
+                                                            if summary.restarts else ""))
         for index, cause in list(summary.failed.items())[:20]:
             click.echo(f"  failed item {index}: {cause}")
+        if len(summary.failed) > 20:
+            click.echo(f"  ... and {len(summary.failed) - 20} more: "
+                       + ", ".join(str(i) for i in list(summary.failed)[20:]))
         if verbose:
             for key, value in summary.engine_stats.items():
                 click.echo(f"  {key}: {value}")

@@ -57,3 +57,27 @@ def open_rgb(path: str):
         raise ImageError(f"not an image: {path}") from exc
     except (OSError, SyntaxError) as exc:
         raise ImageError(f"unreadable image {path}: {exc}") from exc
+
+
+def decode_base64(data: str):
+    """An image column's base64 text as an RGB picture, or an ImageError saying what is wrong."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = base64.b64decode(str(data), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"image column is not valid base64 ({exc})") from exc
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"image too large: {img.width}x{img.height} pixels")
+            img.load()
+            return _flatten(img)
+    except UnidentifiedImageError as exc:
+        raise ImageError("image column is valid base64 but not an image") from exc
+    except (OSError, SyntaxError) as exc:
+        raise ImageError(f"image is truncated or corrupt ({exc})") from exc

@@ -27,57 +27,50 @@ def _init(card, dataset):
     _state.update(card=card, dataset=dataset, build=vlmeval_bridge.prompt_builder(card, dataset))
 
 
-def _prepare_rows(start: int, stop: int) -> list:
+def _prepare_rows(positions: list[int]) -> list:
     from .runner import prepare_row
 
     card, dataset, build = _state["card"], _state["dataset"], _state["build"]
-    return [prepare_row(card, dataset, build, i) for i in range(start, stop)]
+    return [prepare_row(card, dataset, build, i) for i in positions]
 
 
 class Preparer:
-    def __init__(self, card, dataset, workers: int = 0, eager: bool = True):
-        """With `eager`, the first rows are prepared at once, while the engine is still loading."""
+    def __init__(self, card, dataset, workers: int = 0):
         self.card, self.dataset = card, dataset
         self.pool = None
         if workers > 0 and "fork" in mp.get_all_start_methods():
             self.pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(card, dataset))
         self.workers = workers if self.pool is not None else 0
-        self._head = self._submit(self._chunks()) if eager and self.pool is not None else None
 
-    def requests(self, failures: list):
-        """Requests in row order; rows that cannot become one go to `failures` as Results."""
-        for out in self._outputs():
+    def requests(self, failures: list, positions: list[int] | None = None):
+        """Requests in row order (all rows, or those `positions`); rows that cannot become one go
+        to `failures` as Results."""
+        for out in self._outputs(range(len(self.dataset.data)) if positions is None else positions):
             if isinstance(out, Result):
                 failures.append(out)
             else:
                 yield out
 
-    def _outputs(self):
+    def _outputs(self, positions):
         if self.pool is None:
             from . import vlmeval_bridge
             from .runner import prepare_row
 
             build = vlmeval_bridge.prompt_builder(self.card, self.dataset)
-            for i in range(len(self.dataset.data)):
+            for i in positions:
                 yield prepare_row(self.card, self.dataset, build, i)
             return
-        chunks = self._chunks()
-        pending, self._head = self._head or deque(), None
-        if pending:   # the eager head covered the first chunks
-            for _ in range(len(pending)):
-                next(chunks)
+        positions = list(positions)
+        chunks = (positions[i:i + CHUNK] for i in range(0, len(positions), CHUNK))
+        pending: deque = deque()
         while True:
             pending.extend(self._submit(chunks, LOOKAHEAD - len(pending)))
             if not pending:
                 return
             yield from pending.popleft().get()
 
-    def _chunks(self):
-        n = len(self.dataset.data)
-        return ((start, min(start + CHUNK, n)) for start in range(0, n, CHUNK))
-
-    def _submit(self, chunks, count: int = LOOKAHEAD) -> deque:
-        return deque(self.pool.apply_async(_prepare_rows, chunk) for chunk in itertools.islice(chunks, count))
+    def _submit(self, chunks, count: int) -> deque:
+        return deque(self.pool.apply_async(_prepare_rows, (chunk,)) for chunk in itertools.islice(chunks, count))
 
     def close(self) -> None:
         if self.pool is not None:

@@ -1,4 +1,8 @@
-"""One evaluation, as a straight line: row -> prompt -> request -> engine -> prediction -> file -> score."""
+"""One evaluation, as a straight line: row -> prompt -> request -> engine -> prediction -> file -> score.
+
+Every finished prediction goes to the journal before the next is taken, so a rerun of the same
+command picks up where a crash, a kill or Ctrl-C left off.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import __version__
 from . import vlmeval_bridge as bridge
 from .images import open_rgb
+from .journal import Journal, key, read
 from .plugins import pm
 from .request import Result
 
 log = logging.getLogger(__name__)
+RESTARTS = 1   # an engine that dies is restarted this many times per run
 
 
 class PluginError(RuntimeError):
@@ -25,13 +32,16 @@ class RunSummary:
     dataset: str
     engine: str | None = None
     items: int = 0
-    generated: int = 0
-    failed: dict = field(default_factory=dict)       # index -> cause
+    generated: int = 0                           # answered in this run
+    resumed: int = 0                             # answered by an earlier run, reused
+    failed: dict = field(default_factory=dict)   # index -> cause
+    restarts: int = 0
     wall_s: float = 0.0
     infer_s: float = 0.0
     output_tokens: int = 0
     prediction_file: str | None = None
     score: Any = None
+    eval_error: str | None = None                # VLMEvalKit's evaluator failed; predictions are kept
     engine_stats: dict = field(default_factory=dict)
 
     @property
@@ -78,13 +88,93 @@ def build_requests(card, dataset, failures: list, workers: int = 0):
         yield from preparer.requests(failures)
 
 
-def generate(card, engine, requests) -> dict:
-    """Every request through the engine, via the plugin's generate hook; results by index."""
-    results = {}
+def generate(card, engine, requests):
+    """Every request through the engine, via the plugin's generate hook, as results finish."""
     for result in pm.hook.vlm_batch_generate(card=card, engine=engine, requests=requests):
         if not result.ok:
             log.warning("item %s failed: %s", result.index, result.error)
-        results[result.index] = result
+        yield result
+
+
+def journal_path(work_dir: str, model: str, dataset: str) -> str:
+    """Beside VLMEvalKit's files, in a folder its resume logic never looks into."""
+    import os.path as osp
+
+    return osp.join(bridge.pred_root(work_dir, model), ".vlm-batch", f"{model}_{dataset}.journal")
+
+
+def load_progress(work_dir: str, card, dataset_name: str) -> tuple[dict, dict]:
+    """(earlier answers, journal records) for this model and dataset; failed answers are retried."""
+    path = journal_path(work_dir, card.name, dataset_name)
+    header, records = read(path)
+    if header and (header.get("model"), header.get("dataset")) != (card.name, dataset_name):
+        raise bridge.DatasetError(f"{path} belongs to {header.get('model')} on {header.get('dataset')}")
+    answers = bridge.previous_predictions(work_dir, card.name, dataset_name)
+    answers.update({k: r["prediction"] for k, r in records.items() if "error" not in r})
+    return answers, records
+
+
+def infer(card, dataset, *, work_dir: str, engine, engine_options: dict, prep_workers: int,
+          summary: RunSummary) -> dict:
+    """Answers for every row: reused, generated now (journaled as they finish), or failed."""
+    from .engines import EngineError, engine_stats, load_engine
+    from .prefetch import Preparer
+
+    answers, _ = load_progress(work_dir, card, dataset.dataset_name)
+    indices = [key(i) for i in dataset.data["index"]]
+    summary.resumed = sum(i in answers for i in indices)
+    if summary.resumed:
+        log.info("resuming: %d of %d items already answered", summary.resumed, len(indices))
+    results = {i: Result(index=i, text=answers[i]) for i in indices if i in answers}
+    journal = Journal(journal_path(work_dir, card.name, dataset.dataset_name),
+                      {"model": card.name, "dataset": dataset.dataset_name, "vlm_batch": __version__})
+    own_engine = isinstance(engine, str)
+    failures: list = []   # rows that failed while being prepared (possibly in another thread)
+
+    def record(result) -> None:
+        journal.append(result)
+        results[key(result.index)] = result
+
+    def saved() -> str:
+        return f"{len(results)} of {len(indices)} items are saved, rerun the same command to resume"
+
+    try:
+        todo = [p for p, i in enumerate(indices) if i not in results]
+        with Preparer(card, dataset, prep_workers) as preparer:   # a pool forks before the engine starts
+            while todo:
+                try:
+                    eng = load_engine(engine, card, **engine_options) if own_engine else engine
+                except EngineError as exc:
+                    if not summary.restarts:
+                        raise
+                    raise EngineError(f"the engine could not be restarted: {exc}; {saved()}") from exc
+                summary.engine = eng.name
+                t0 = time.perf_counter()
+                try:
+                    for result in generate(card, eng, preparer.requests(failures, positions=todo)):
+                        while failures:
+                            record(failures.pop(0))
+                        record(result)
+                    while failures:
+                        record(failures.pop(0))
+                    todo = []
+                except EngineError as exc:
+                    todo = [p for p in todo if indices[p] not in results]
+                    if not own_engine or summary.restarts >= RESTARTS:
+                        raise EngineError(f"{exc}; {saved()}") from exc
+                    summary.restarts += 1
+                    log.error("%s; restarting the engine for the %d items left", exc, len(todo))
+                finally:
+                    summary.infer_s += time.perf_counter() - t0
+                    summary.engine_stats = engine_stats(eng)
+                    if own_engine:
+                        eng.close()
+    finally:
+        journal.close()
+    fresh = [r for i, r in results.items() if i not in answers]
+    summary.generated = sum(r.ok for r in fresh)
+    summary.output_tokens = sum(r.output_tokens for r in fresh)
+    summary.failed = {i: r.error for i, r in results.items() if not r.ok}
     return results
 
 
@@ -92,38 +182,34 @@ def run_eval(card, dataset_name: str, *, work_dir: str = "./outputs", mode: str 
              judge: str = bridge.DEFAULT_JUDGE, engine="vllm", limit: int | None = None,
              engine_options: dict | None = None, nproc: int = 4, prep_workers: int = 0) -> RunSummary:
     """`engine` is an engine name, or an engine already running (the caller then closes it)."""
-    from .engines import check_choice, engine_stats, load_engine
-    from .prefetch import Preparer
+    import os
+
+    from .engines import check_choice
 
     started = time.perf_counter()
     options = engine_options or {}
-    own_engine = isinstance(engine, str)
-    if mode != "eval" and own_engine:
+    if mode != "eval" and isinstance(engine, str):
         check_choice(card, engine, options.get("trust_remote_code", False))
     dataset = bridge.load_dataset(dataset_name, limit)   # before any model: bad data fails fast
     summary = RunSummary(card.name, dataset_name, items=len(dataset.data))
     summary.prediction_file = bridge.prediction_file(work_dir, card.name, dataset_name)
     if mode in ("all", "infer"):
-        with Preparer(card, dataset, prep_workers) as preparer:   # a pool forks before the engine starts
-            eng = load_engine(engine, card, **options) if own_engine else engine
-            summary.engine = eng.name
-            try:
-                t0 = time.perf_counter()
-                failures: list = []
-                results = generate(card, eng, preparer.requests(failures))
-                summary.infer_s = time.perf_counter() - t0
-                summary.engine_stats = engine_stats(eng)
-                log.debug("engine: %s", summary.engine_stats)
-            finally:
-                if own_engine:
-                    eng.close()
-        results.update({r.index: r for r in failures})
-        summary.generated = sum(r.ok for r in results.values())
-        summary.output_tokens = sum(r.output_tokens for r in results.values())
-        summary.failed = {i: r.error for i, r in results.items() if not r.ok}
+        results = infer(card, dataset, work_dir=work_dir, engine=engine, engine_options=options,
+                        prep_workers=prep_workers, summary=summary)
         bridge.write_predictions(dataset, {i: r.prediction for i, r in results.items()},
                                  summary.prediction_file)
+        # The answers now live in the prediction file; drop the run's state, as VLMEvalKit does.
+        for path in bridge.vlmeval_state_files(work_dir, card.name, dataset_name):
+            os.remove(path)
+        os.remove(journal_path(work_dir, card.name, dataset_name))
     if mode in ("all", "eval"):
-        summary.score = bridge.evaluate(dataset, summary.prediction_file, judge=judge, nproc=nproc)
+        if not os.path.exists(summary.prediction_file):
+            raise bridge.DatasetError(f"No predictions to evaluate: {summary.prediction_file} does not exist "
+                                      "(run with --mode infer or all first)")
+        try:
+            summary.score = bridge.evaluate(dataset, summary.prediction_file, judge=judge, nproc=nproc)
+        except Exception as exc:   # the predictions are written; say why scoring failed, keep them
+            summary.eval_error = f"{type(exc).__name__}: {exc}"
+            log.error("VLMEvalKit's evaluation failed: %s", summary.eval_error)
     summary.wall_s = time.perf_counter() - started
     return summary

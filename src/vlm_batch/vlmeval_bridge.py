@@ -14,10 +14,24 @@ import warnings
 from . import sample_data
 
 DEFAULT_JUDGE = "exact_matching"
+MAX_WORLD_SIZE = 64
 
 
 class DatasetError(ValueError):
     pass
+
+
+def check_columns(name: str, tsv) -> None:
+    """Fail fast, before any model loads, when a local TSV lacks what every row needs."""
+    if not tsv.exists():
+        return
+    with open(tsv, encoding="utf-8", errors="replace") as fh:
+        columns = {c.strip() for c in fh.readline().rstrip("\n").split("\t")}
+    missing = [c for c in ("index", "question") if c not in columns]
+    if not {"image", "image_path"} & columns:
+        missing.append("image or image_path")
+    if missing:
+        raise DatasetError(f"Dataset '{name}' ({tsv}) is missing required columns: {', '.join(missing)}")
 
 
 def _quiet_import():
@@ -42,6 +56,7 @@ def load_dataset(name: str, limit: int | None = None):
     from vlmeval.dataset import SUPPORTED_DATASETS, build_dataset
 
     tsv = sample_data.lmudata_root() / f"{name}.tsv"
+    check_columns(name, tsv)
     if name not in SUPPORTED_DATASETS and not tsv.exists():
         examples = ", ".join(["MMBench_DEV_EN", "MME", "AI2D_TEST", "POPE", sample_data.NAME])
         raise DatasetError(
@@ -90,13 +105,97 @@ def prompt_model(card, dataset):
 def prompt_builder(card, dataset):
     """The message-building function `infer_data` would use for this model and dataset."""
     if getattr(dataset, "force_use_dataset_prompt", False):
-        return dataset.build_prompt
+        return _guarded(dataset.build_prompt, dataset)
     model = prompt_model(card, dataset)
     name = dataset.dataset_name
     with warnings.catch_warnings():   # "custom dataset, treated as MCQ" is expected for local TSVs
         warnings.simplefilter("ignore")
         custom = model is not None and model.use_custom_prompt(name)
-    return functools.partial(model.build_prompt, dataset=name) if custom else dataset.build_prompt
+    return _guarded(functools.partial(model.build_prompt, dataset=name) if custom else dataset.build_prompt,
+                    dataset)
+
+
+class ItemError(ValueError):
+    """This row cannot be asked; the cause is in the message."""
+
+
+def _guarded(build, dataset):
+    """`build` with clear per-row errors, and odd-but-valid images converted where VLMEvalKit fails.
+
+    VLMEvalKit writes each base64 image to a PNG under `$LMUData/images` before prompting; modes
+    PNG cannot hold (CMYK) make that fail. We then write the file ourselves, as RGB, at the path
+    VLMEvalKit uses, and build again: the prompt stays exactly VLMEvalKit's.
+    """
+    def build_row(line):
+        question = line.get("question") if hasattr(line, "get") else None
+        if "question" in line and (question is None or str(question).strip() in ("", "nan")):
+            raise ItemError("empty question")
+        try:
+            return build(line)
+        except Exception as first:
+            if not _write_images(dataset, line):
+                raise ItemError(f"could not build the prompt: {type(first).__name__}: {first}") from first
+            return build(line)
+
+    return build_row
+
+
+def _image_targets(dataset, line) -> list[tuple[str, str]]:
+    """(base64, file path) pairs where VLMEvalKit's `dump_image` puts this row's images."""
+    images, names = line.get("image"), line.get("image_path")
+    if not isinstance(images, (list, str)) or not images:
+        return []
+    if isinstance(images, str):
+        images = [images]
+        names = [names] if isinstance(names, str) else [f"{line['index']}.png"]
+    elif not isinstance(names, list):
+        names = [f"{line['index']}_{i}.png" for i in range(len(images))]
+    return [(b64, osp.join(dataset.img_root, name)) for b64, name in zip(images, names)]
+
+
+def _write_images(dataset, line) -> bool:
+    """Decode the row's base64 images our way (raising a clear ImageError) and save them as RGB PNGs."""
+    from .images import decode_base64
+
+    targets = _image_targets(dataset, line)
+    for b64, path in targets:
+        picture = decode_base64(b64)
+        os.makedirs(osp.dirname(path), exist_ok=True)
+        picture.save(path, format="PNG")
+    return bool(targets)
+
+
+def pred_root(work_dir: str, model_name: str) -> str:
+    return osp.join(work_dir, model_name)
+
+
+def vlmeval_state_files(work_dir: str, model_name: str, dataset_name: str) -> list[str]:
+    """The pickles VLMEvalKit's `infer_data_job` leaves mid-run, at exactly its own paths."""
+    root = pred_root(work_dir, model_name)
+    paths = [osp.join(root, f"{model_name}_{dataset_name}_PREV.pkl")]
+    paths += [osp.join(root, f"{rank}{world}_{dataset_name}.pkl")
+              for world in range(1, MAX_WORLD_SIZE + 1) for rank in range(world)]
+    return [p for p in paths if osp.exists(p)]
+
+
+def previous_predictions(work_dir: str, model_name: str, dataset_name: str) -> dict:
+    """Predictions an earlier run left: the final file, then VLMEvalKit's pickles; failures excluded."""
+    import pickle
+
+    from .journal import key
+    from .request import FAIL_MSG
+
+    found = {}
+    final = prediction_file(work_dir, model_name, dataset_name)
+    if osp.exists(final):
+        from vlmeval.smp import load
+
+        data = load(final)
+        found.update(zip(data["index"], data["prediction"]))
+    for path in vlmeval_state_files(work_dir, model_name, dataset_name):
+        with open(path, "rb") as fh:   # VLMEvalKit's own state file, under the user's work dir
+            found.update(pickle.load(fh))
+    return {key(k): v for k, v in found.items() if FAIL_MSG not in str(v)}
 
 
 def prediction_file(work_dir: str, model_name: str, dataset_name: str) -> str:
@@ -110,15 +209,21 @@ def write_predictions(dataset, predictions: dict, path: str) -> str:
     """The dataset's columns minus `image`, plus `prediction`, as `infer_data_job` writes them."""
     from vlmeval.smp import dump
 
+    from .journal import key
+
     data = dataset.data.copy()
-    missing = [i for i in data["index"] if i not in predictions]
+    predictions = {key(k): v for k, v in predictions.items()}
+    missing = [i for i in data["index"] if key(i) not in predictions]
     if missing:
         raise KeyError(f"no prediction for items {missing[:10]}")
-    data["prediction"] = [str(predictions[i]) for i in data["index"]]
+    data["prediction"] = [str(predictions[key(i)]) for i in data["index"]]
     if "image" in data:
         data.pop("image")
     os.makedirs(osp.dirname(path), exist_ok=True)
-    dump(data, path)
+    stem, suffix = osp.splitext(path)
+    tmp = f"{stem}.partial{suffix}"   # same format, then an atomic rename: never half a file
+    dump(data, tmp)
+    os.replace(tmp, path)
     return path
 
 

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH = 64
 
 
+class PromptTooLong(ValueError):
+    """Raised for the batch; the processor then retries its items alone, so only the long one fails."""
+
+
 def length_bucket(tokens: int) -> int:
     """Buckets a factor of sqrt(2) wide: padding inside a batch stays under ~41% of its length."""
     return int(2 * math.log2(max(tokens, 1)))
@@ -61,6 +65,8 @@ class HFEngine:
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos)
+        text = getattr(self.model.config, "text_config", None) or self.model.config
+        self.context = getattr(text, "max_position_embeddings", None)
         self.max_batch = batch_size or DEFAULT_MAX_BATCH
         self.budget = max_batch_memory or default_budget(self.device)
         self.timeout_s = timeout_s
@@ -79,9 +85,15 @@ class HFEngine:
         kwargs.update(requests[0].mm_kwargs)
         try:
             inputs = self.processor(**kwargs).to(self.device)
+            longest = int(inputs["attention_mask"].sum(dim=1).max())
+            if self.context and longest >= self.context:
+                raise PromptTooLong(f"prompt has {longest} tokens; the model's context is {self.context}")
+            budget = max(r.max_new_tokens for r in requests)
+            if self.context:   # as vLLM does: the answer may use what the context has left
+                budget = min(budget, self.context - longest)
             with torch.inference_mode():
-                out = self.model.generate(**inputs, max_new_tokens=max(r.max_new_tokens for r in requests),
-                                          do_sample=False, pad_token_id=self.pad_id)
+                out = self.model.generate(**inputs, max_new_tokens=budget, do_sample=False,
+                                          pad_token_id=self.pad_id)
         except Exception:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

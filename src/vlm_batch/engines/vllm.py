@@ -102,6 +102,17 @@ class VLLMEngine:
         return request_id.split("-")[0]  # vLLM appends a random suffix internally; outputs use the base id
 
     def generate(self, requests):
+        """Results as requests finish; EngineError if vLLM's engine process dies."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            yield from self._stream(requests)
+        except EngineDeadError as exc:
+            raise EngineError(f"vLLM's engine process died ({exc})") from exc
+
+    def _stream(self, requests):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         engine = self.llm.llm_engine
         stats = self.stats = WindowStats()   # per call, so a caller reads this run's window alone
         in_flight: dict[str, object] = {}
@@ -116,6 +127,8 @@ class VLLMEngine:
                 for request in group:
                     try:
                         in_flight[self._submit(request)] = request
+                    except EngineDeadError:
+                        raise
                     except Exception as exc:  # vLLM validates per request: too long, bad image, ...
                         stats.rejected += 1
                         yield Result.failed(request.index, exc)
@@ -139,4 +152,7 @@ class VLLMEngine:
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception as exc:   # a dead engine may not shut down cleanly; nothing is left to save
+                log.debug("vLLM shutdown: %s", exc)

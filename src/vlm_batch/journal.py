@@ -1,0 +1,114 @@
+"""The journal: every finished item, on disk before the run moves on, readable after a kill at any byte.
+
+One line per record: an 8-digit hex CRC32 of the JSON that follows, a space, the JSON, a newline.
+A line without its newline or whose checksum fails is a torn write: it is dropped on reading. Each
+record is written and flushed at once (a killed process loses nothing it reported); fsync runs per
+small group, so a machine crash loses at most that group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zlib
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+SYNC_EVERY = 16          # records
+SYNC_SECONDS = 1.0
+STALL_ENV = "VLM_BATCH_TEST_STALL_JOURNAL"   # fault injection for tests: stall inside record N
+
+
+def key(index) -> int | str:
+    """One spelling for an item's index, whether it came from pandas, JSON or a pickle."""
+    if hasattr(index, "__index__"):          # int, numpy integers
+        return int(index)
+    if isinstance(index, float) and index.is_integer():
+        return int(index)
+    text = str(index).strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _line(record: dict) -> bytes:
+    body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def read(path) -> tuple[dict | None, dict]:
+    """(header, records by index); torn or corrupt lines are dropped, the last record of an index wins."""
+    path = Path(path)
+    if not path.exists():
+        return None, {}
+    *lines, tail = path.read_bytes().split(b"\n")
+    header, records, dropped = None, {}, int(bool(tail))   # an unterminated last line is torn
+    for raw in lines:
+        body = raw[9:]
+        if len(raw) < 10 or raw[8:9] != b" " or raw[:8] != b"%08x" % zlib.crc32(body):
+            dropped += 1
+            continue
+        record = json.loads(body)
+        if "journal" in record:
+            header = record
+        else:
+            records[key(record["index"])] = record
+    if dropped:
+        log.warning("journal %s: dropped %d torn or corrupt record(s)", path, dropped)
+    return header, records
+
+
+class Journal:
+    def __init__(self, path, header: dict):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair()
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self.fh = open(self.path, "ab")
+        self.unsynced, self.synced_at, self.written = 0, time.monotonic(), 0
+        self._stall_at = int(os.environ.get(STALL_ENV, "0") or 0)
+        if fresh:
+            self._write(_line({"journal": FORMAT, **header}))
+            self.sync()
+
+    def _repair(self) -> None:
+        """Cut a torn last line, so new records do not append to half a record."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(end)
+
+    def _write(self, data: bytes) -> None:
+        self.written += 1
+        if self._stall_at and self.written == self._stall_at:
+            self.fh.write(data[: len(data) // 2])
+            self.fh.flush()
+            Path(str(self.path) + ".stalled").touch()
+            time.sleep(600)
+        self.fh.write(data)
+        self.fh.flush()
+
+    def append(self, result) -> None:
+        record = {"index": key(result.index), "prediction": result.prediction}
+        if result.error is not None:
+            record["error"] = result.error
+        if result.output_tokens:
+            record["tokens"] = [result.prompt_tokens, result.output_tokens]
+        self._write(_line(record))
+        self.unsynced += 1
+        if self.unsynced >= SYNC_EVERY or time.monotonic() - self.synced_at >= SYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.fh.fileno())
+        self.unsynced, self.synced_at = 0, time.monotonic()
+
+    def close(self) -> None:
+        if not self.fh.closed:
+            self.sync()
+            self.fh.close()
