@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from ..request import Result
@@ -86,6 +87,32 @@ class VLLMEngine:
         self.gate = gate
         self.max_num_seqs = max_seqs
         self.stats = WindowStats()
+        self._watch_engine_core()
+
+    def _watch_engine_core(self) -> None:
+        """Turn the engine core's death into an error where we wait for its output.
+
+        vLLM's own monitor marks the client dead and shuts it down, but a caller already blocked
+        in `step()` waits on the output queue forever (vLLM 0.32). We post the error there.
+        """
+        import threading
+
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        core = self.llm.llm_engine.engine_core
+        resources, outputs = getattr(core, "resources", None), getattr(core, "outputs_queue", None)
+        if resources is None or outputs is None:   # engine core in this process: nothing to watch
+            return
+        llm = self.llm
+
+        def watch():
+            while self.llm is llm:
+                if resources.engine_dead:
+                    outputs.put_nowait(EngineDeadError("the engine core process exited"))
+                    return
+                time.sleep(0.2)
+
+        threading.Thread(target=watch, name="vlm-batch-engine-watch", daemon=True).start()
 
     def _sampling(self, request):
         from vllm import SamplingParams
