@@ -69,7 +69,9 @@ def test_hf_batches_group_similar_lengths(hf_engine, requests):
 
 
 def test_hf_memory_budget_splits_batches_before_sending(tiny_card, requests):
-    per_request = max(r.memory for r in requests)
+    from vlm_batch.plugins import pm
+
+    per_request = max(pm.hook.vlm_batch_estimate_memory(card=tiny_card, request=r) for r in requests)
     engine = HFEngine(tiny_card, batch_size=64, max_batch_memory=per_request * 5)
     try:
         seen = recording(engine)
@@ -95,8 +97,11 @@ def test_vllm_stream_equals_one_at_a_time_and_window_never_empties(vllm_engine, 
 
 
 def test_bench_reports_modes_ratios_and_agreement(tmp_path):
-    out = tmp_path / "bench.json"
-    result = CliRunner().invoke(cli, ["bench", "--engine", "hf", "--limit", "16", "--repeat", "2", "--json", str(out)])
+    from PIL import Image
+
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = CliRunner().invoke(cli, ["bench", "--engine", "hf", "--limit", "16", "--repeat", "2", "--json",
+                                      str(out), "--chart", str(chart)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert set(report["items_per_s"]) == {"one_at_a_time", "fixed_4", "vlm_batch", "pipeline"}
@@ -104,3 +109,5 @@ def test_bench_reports_modes_ratios_and_agreement(tmp_path):
     assert report["same_predictions"] == {"one_at_a_time": True, "fixed_4": True, "vlm_batch": True,
                                           "pipeline": True}
     assert "vlm batch vs one at a time" in result.output and "identical" in result.output
+    with Image.open(chart) as img:
+        assert img.format == "PNG" and img.width > 400 and len(img.getcolors(1 << 16) or ()) > 10

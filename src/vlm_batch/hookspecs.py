@@ -23,6 +23,14 @@ class BatchCapableModel:
         """Yield one Result per Request, each naming its request; the core keeps the order."""
 
     @hookspec(firstresult=True)
+    def vlm_batch_postprocess(self, card, request, text):
+        """Return the prediction to record for a generated text (the core's default: unchanged)."""
+
+    @hookspec(firstresult=True)
+    def vlm_batch_hf_batch(self, card, engine, requests):
+        """Run one batch on the transformers engine when the checkpoint brings its own generate code."""
+
+    @hookspec(firstresult=True)
     def vlm_batch_estimate_memory(self, card, request):
         """Return the device bytes one Request needs while it runs."""
 

@@ -16,6 +16,8 @@ class ModelCard:
     prompt_attrs: Mapping[str, Any] = field(default_factory=dict)  # what that class's prompt code reads
     max_new_tokens: int = 512
     vllm_args: Mapping[str, Any] = field(default_factory=dict)
+    vllm_cpu_args: Mapping[str, Any] = field(default_factory=dict)   # off-GPU overrides (e.g. a dtype)
+    generation: Mapping[str, Any] = field(default_factory=dict)  # sampling settings both engines take
     hf_class: str = "AutoModelForImageTextToText"
     trust_remote_code: bool = False          # the checkpoint ships code; the user must opt in
     options: Mapping[str, Any] = field(default_factory=dict)  # plugin-private facts (pixels, limits)

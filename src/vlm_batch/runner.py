@@ -42,6 +42,7 @@ class RunSummary:
     prediction_file: str | None = None
     score: Any = None
     eval_error: str | None = None                # VLMEvalKit's evaluator failed; predictions are kept
+    report_file: str | None = None
     engine_stats: dict = field(default_factory=dict)
 
     @property
@@ -56,7 +57,7 @@ def decode_images(message: list[dict]) -> list[dict]:
 
 
 def prepare(card, index, message, dataset_name: str):
-    """One message as an engine Request, sized (tokens, memory) here so batching needs no tokenizer."""
+    """One message as an engine Request, its tokens counted here so batching needs no tokenizer."""
     from .memory import prompt_tokens
 
     request = pm.hook.vlm_batch_prepare(card=card, message=decode_images(message), dataset=dataset_name)
@@ -64,7 +65,6 @@ def prepare(card, index, message, dataset_name: str):
         raise PluginError(f"no plugin prepares requests for '{card.name}' (family {card.family})")
     request.index, request.dataset = index, dataset_name
     request.prompt_tokens = request.prompt_tokens or prompt_tokens(card, request)
-    request.memory = request.memory or pm.hook.vlm_batch_estimate_memory(card=card, request=request)
     return request
 
 
@@ -89,8 +89,18 @@ def build_requests(card, dataset, failures: list, workers: int = 0):
 
 
 def generate(card, engine, requests):
-    """Every request through the engine, via the plugin's generate hook, as results finish."""
-    for result in pm.hook.vlm_batch_generate(card=card, engine=engine, requests=requests):
+    """Every request through the engine (the generate hook), post-processed, as results finish."""
+    asked = {}
+
+    def remembered():
+        for request in requests:
+            asked[key(request.index)] = request
+            yield request
+
+    for result in pm.hook.vlm_batch_generate(card=card, engine=engine, requests=remembered()):
+        request = asked.pop(key(result.index), None)
+        if result.ok and request is not None:
+            result.text = pm.hook.vlm_batch_postprocess(card=card, request=request, text=result.text)
         if not result.ok:
             log.warning("item %s failed: %s", result.index, result.error)
         yield result
@@ -119,6 +129,7 @@ def infer(card, dataset, *, work_dir: str, engine, engine_options: dict, prep_wo
     """Answers for every row: reused, generated now (journaled as they finish), or failed."""
     from .engines import EngineError, engine_stats, load_engine
     from .prefetch import Preparer
+    from .progress import bar, counted
 
     answers, _ = load_progress(work_dir, card, dataset.dataset_name)
     indices = [key(i) for i in dataset.data["index"]]
@@ -130,10 +141,16 @@ def infer(card, dataset, *, work_dir: str, engine, engine_options: dict, prep_wo
                       {"model": card.name, "dataset": dataset.dataset_name, "vlm_batch": __version__})
     own_engine = isinstance(engine, str)
     failures: list = []   # rows that failed while being prepared (possibly in another thread)
+    left = len(indices) - len(results)
+    prepared, answered = bar(left, "prepare", 0), bar(left, "generate", 1)
+    verbose = engine_options.get("verbose", False)
 
     def record(result) -> None:
         journal.append(result)
         results[key(result.index)] = result
+        answered.update(1)
+        if verbose and answered.n % 16 == 0:
+            answered.set_postfix_str(_brief(engine_stats(eng)), refresh=False)
 
     def saved() -> str:
         return f"{len(results)} of {len(indices)} items are saved, rerun the same command to resume"
@@ -151,7 +168,8 @@ def infer(card, dataset, *, work_dir: str, engine, engine_options: dict, prep_wo
                 summary.engine = eng.name
                 t0 = time.perf_counter()
                 try:
-                    for result in generate(card, eng, preparer.requests(failures, positions=todo)):
+                    stream = counted(preparer.requests(failures, positions=todo), prepared)
+                    for result in generate(card, eng, stream):
                         while failures:
                             record(failures.pop(0))
                         record(result)
@@ -171,11 +189,24 @@ def infer(card, dataset, *, work_dir: str, engine, engine_options: dict, prep_wo
                         eng.close()
     finally:
         journal.close()
+        prepared.close()
+        answered.close()
     fresh = [r for i, r in results.items() if i not in answers]
     summary.generated = sum(r.ok for r in fresh)
     summary.output_tokens = sum(r.output_tokens for r in fresh)
     summary.failed = {i: r.error for i, r in results.items() if not r.ok}
     return results
+
+
+def _brief(stats: dict) -> str:
+    """Batch statistics for the progress line."""
+    if "window" in stats:
+        w = stats["window"]
+        return f"in flight {w['mean_in_flight']}/{w['size']}, steps {w['steps']}"
+    if "processor" in stats:
+        p = stats["processor"]
+        return f"batches {p['batches']}, fill {p['batch_fill']:.2f}, splits {p['splits']}, fallbacks {p['fallbacks']}"
+    return ""
 
 
 def run_eval(card, dataset_name: str, *, work_dir: str = "./outputs", mode: str = "all",
@@ -185,6 +216,7 @@ def run_eval(card, dataset_name: str, *, work_dir: str = "./outputs", mode: str 
     import os
 
     from .engines import check_choice
+    from .report import write_run_report
 
     started = time.perf_counter()
     options = engine_options or {}
@@ -212,4 +244,5 @@ def run_eval(card, dataset_name: str, *, work_dir: str = "./outputs", mode: str 
             summary.eval_error = f"{type(exc).__name__}: {exc}"
             log.error("VLMEvalKit's evaluation failed: %s", summary.eval_error)
     summary.wall_s = time.perf_counter() - started
+    summary.report_file = write_run_report(summary, card)
     return summary

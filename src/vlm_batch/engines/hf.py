@@ -77,14 +77,21 @@ class HFEngine:
     # -- one batch ---------------------------------------------------------------------------------
 
     def run_batch(self, requests: list) -> list[Result]:
+        """One batch, one Result per request in order (or the plugin's own batch code, if it has one)."""
         import torch
+
+        from ..plugins import pm
+
+        custom = pm.hook.vlm_batch_hf_batch(card=self.card, engine=self, requests=requests)
+        if custom is not None:
+            return custom
 
         kwargs = dict(text=[r.prompt for r in requests], padding=True, return_tensors="pt")
         if any(r.images for r in requests):
             kwargs["images"] = [r.images for r in requests]
         kwargs.update(requests[0].mm_kwargs)
         try:
-            inputs = self.processor(**kwargs).to(self.device)
+            inputs = self.processor(**kwargs).to(self.device, dtype=self.model.dtype)  # floats only
             longest = int(inputs["attention_mask"].sum(dim=1).max())
             if self.context and longest >= self.context:
                 raise PromptTooLong(f"prompt has {longest} tokens; the model's context is {self.context}")
@@ -93,7 +100,7 @@ class HFEngine:
                 budget = min(budget, self.context - longest)
             with torch.inference_mode():
                 out = self.model.generate(**inputs, max_new_tokens=budget, do_sample=False,
-                                          pad_token_id=self.pad_id)
+                                          pad_token_id=self.pad_id, **self.card.generation)
         except Exception:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -111,12 +118,20 @@ class HFEngine:
 
     # -- a stream ----------------------------------------------------------------------------------
 
+    def _sized(self, request):
+        from ..plugins import pm
+
+        if not request.memory:
+            request.memory = pm.hook.vlm_batch_estimate_memory(card=self.card, request=request)
+        return request
+
     def collector(self) -> BatchCollector:
         return BatchCollector(self.max_batch, self.timeout_s, budget=self.budget, cost=lambda r: r.memory,
                               key=lambda r: (r.dataset, len(r.images), length_bucket(r.prompt_tokens)))
 
     def generate(self, requests):
         collector = self.collector()
+        requests = (self._sized(r) for r in requests)   # runs in the producer thread
         processor = BatchProcessor(self.run_batch, max_batch=self.max_batch)
         self.last = (collector.stats, processor.metrics)
         for batch in collect(requests, collector):

@@ -70,7 +70,7 @@ class VLLMEngine:
 
         args = {"model": card.path(), "seed": 0, **card.vllm_args}
         if not on_gpu():
-            args.update(dtype="float32", enforce_eager=True)
+            args.update({"dtype": "float32", "enforce_eager": True, **card.vllm_cpu_args})
         if batch_size:
             args["max_num_seqs"] = batch_size
         args["trust_remote_code"] = trust_remote_code
@@ -117,7 +117,7 @@ class VLLMEngine:
     def _sampling(self, request):
         from vllm import SamplingParams
 
-        return SamplingParams(temperature=0.0, max_tokens=request.max_new_tokens, seed=0)
+        return SamplingParams(temperature=0.0, max_tokens=request.max_new_tokens, seed=0, **self.card.generation)
 
     def _submit(self, request) -> str:
         prompt = {"prompt": request.prompt}

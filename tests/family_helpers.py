@@ -1,0 +1,127 @@
+"""What the model-family tests share: VLMEvalKit's own loop as the prompt oracle, requests, engine checks.
+
+The oracle runs VLMEvalKit's `infer_data_job` over the family's real VLMEvalKit model object (built by
+its real constructor with only the weight loading stubbed by the test); its `generate` records each
+message. Our side is `vlm_batch.vlmeval_bridge.prompt_builder`, which never runs that constructor.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from click.testing import CliRunner
+from openpyxl.utils.escape import unescape
+
+from helpers import mmbench_rows, write_dataset
+from vlm_batch import runner, vlmeval_bridge
+
+# An official MMBench-style MCQ name VLMEvalKit loads from $LMUData without an MD5 check.
+MMB = "MMBench_V11_MINI"
+
+
+class Stub:
+    """Stands in for weights: `.eval()`, `.to()` and `.cuda()` return itself; it is never called."""
+
+    device = "cpu"
+
+    def eval(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def cuda(self, *args, **kwargs):
+        return self
+
+
+def stub_loader(*args, **kwargs):
+    return Stub()
+
+
+def recording(model):
+    """The VLMEvalKit model, its `generate` replaced by a recorder that answers "A"."""
+    model.recorded = []
+
+    def record(message, dataset=None):
+        model.recorded.append(message)
+        return "A"
+
+    model.generate = record
+    return model
+
+
+def vlmeval_messages(model, name: str, work_dir, model_name: str) -> list:
+    """The messages VLMEvalKit's own inference loop gives `model` for dataset `name`."""
+    from vlmeval.inference import infer_data_job
+
+    infer_data_job(model, work_dir=str(work_dir), model_name=model_name,
+                   dataset=vlmeval_bridge.load_dataset(name))
+    return list(model.recorded)
+
+
+def our_messages(card, name: str) -> list:
+    dataset = vlmeval_bridge.load_dataset(name)
+    build = vlmeval_bridge.prompt_builder(card, dataset)
+    return [build(dataset.data.iloc[i]) for i in range(len(dataset.data))]
+
+
+def assert_prompt_parity(card, vlmeval_model, lmudata, tmp_path, n: int = 12, name: str = MMB) -> list:
+    """Our messages for MMBench-style rows equal VLMEvalKit's loop's, item for item; returns them."""
+    write_dataset(lmudata, name, mmbench_rows(n))
+    expected = vlmeval_messages(vlmeval_model, name, tmp_path, card.prompt_name)
+    ours = our_messages(card, name)
+    assert len(expected) == len(ours) == n
+    assert ours == expected
+    return ours
+
+
+def requests_for(card, name: str, n: int | None = None) -> list:
+    """Engine requests for the first `n` rows of dataset `name`, as the runner prepares them."""
+    dataset = vlmeval_bridge.load_dataset(name, n)
+    build = vlmeval_bridge.prompt_builder(card, dataset)
+    return [runner.prepare(card, row["index"], build(row), dataset.dataset_name)
+            for _, row in dataset.data.iterrows()]
+
+
+def assert_batched_equals_alone(engine, requests, min_distinct: int = 3) -> dict:
+    """All requests together give what each gives alone; the answers vary (equality is not trivial)."""
+    together = {r.index: r for r in engine.generate(requests)}
+    alone = {r.index: next(iter(engine.generate([r]))) for r in requests}
+    assert set(together) == set(alone) == {r.index for r in requests}
+    assert all(r.ok for r in together.values()), [r.error for r in together.values() if not r.ok][:3]
+    assert {i: r.text for i, r in together.items()} == {i: r.text for i, r in alone.items()}
+    assert len({r.text for r in together.values()}) >= min_distinct
+    return {i: r.text for i, r in together.items()}
+
+
+def cli_eval(model: str, dataset: str, work_dir, engine: str, limit: int, *extra: str):
+    """`vlm-batch eval` in this process; returns (click result, predictions by index)."""
+    from vlm_batch.cli import cli
+
+    result = CliRunner().invoke(cli, ["eval", "--model", model, "--dataset", dataset, "--engine", engine,
+                                      "--limit", str(limit), "--work-dir", str(work_dir), *extra])
+    predictions = {}
+    path = work_dir / model / f"{model}_{dataset}.xlsx"
+    if path.exists():
+        data = pd.read_excel(path)
+        predictions = {i: unescape(str(p)) for i, p in zip(data["index"], data["prediction"])}
+    return result, predictions
+
+
+def assert_eval_through_engine(card, engine, work_dir, name: str, n: int) -> None:
+    """`run_eval` (what `vlm-batch eval` runs) on a running engine: files, scores, same answers."""
+    summary = runner.run_eval(card, name, work_dir=str(work_dir), engine=engine, limit=n)
+    assert summary.generated == n and not summary.failed, summary.failed
+    data = pd.read_excel(summary.prediction_file)
+    direct = {r.index: r.text for r in engine.generate(requests_for(card, name, n))}
+    assert {i: unescape(str(p)) for i, p in zip(data["index"], data["prediction"])} == direct
+    assert summary.score is not None
+
+
+def prepare_request(card, message, dataset: str):
+    """The plugin's request for one message (images decoded as the runner does), without the memory
+    estimate the runner adds: that reads the checkpoint's config, which is not here for hub models."""
+    from vlm_batch.plugins import pm
+
+    request = pm.hook.vlm_batch_prepare(card=card, message=runner.decode_images(message), dataset=dataset)
+    request.dataset = dataset
+    return request

@@ -1,0 +1,73 @@
+"""All five model families: listed with their engines, each removable, none named by the core."""
+
+import os
+import re
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from vlm_batch.cli import cli
+
+FAMILIES = {   # entry point -> (names it serves, engines shown by `vlm-batch models`)
+    "qwen2_vl": (["Qwen2-VL-2B-Instruct", "Qwen2-VL-7B-Instruct", "Qwen2-VL-72B-Instruct"], "vllm, hf"),
+    "molmo": (["molmoE-1B-0924", "molmo-7B-D-0924", "molmo-7B-O-0924", "molmo-72B-0924"], "vllm, hf"),
+    "llama4": (["Llama-4-Scout-17B-16E-Instruct", "tiny-llama4"], "vllm, hf"),
+    "gemma3": (["Gemma3-4B", "Gemma3-12B", "Gemma3-27B", "tiny-gemma3"], "vllm, hf"),
+    "omnilmm": (["MiniCPM-V-4_6", "tiny-minicpm-v"], "vllm, hf"),
+}
+
+
+def listing(output: str) -> dict:
+    return {line.split()[0]: line for line in output.splitlines() if line.strip()}
+
+
+def test_models_lists_every_family_with_its_engines():
+    result = CliRunner().invoke(cli, ["models"])
+    assert result.exit_code == 0, result.output
+    lines = listing(result.output)
+    for plugin, (names, engines) in FAMILIES.items():
+        for name in names:
+            assert f"  {plugin}  engines: {engines}" in lines[name], lines[name]
+    assert "  omnilmm  engines: hf" in lines["OmniLMM_12B"] and "vllm" not in lines["OmniLMM_12B"]
+
+
+def test_each_family_is_its_own_installed_distribution():
+    installed = {ep.name: ep for ep in entry_points(group="vlm_batch")}
+    for plugin in FAMILIES:
+        assert plugin in installed
+        assert installed[plugin].dist.metadata["Name"] == f"vlm-batch-{plugin.replace('_', '-')}"
+
+
+def test_without_a_plugin_its_models_are_gone():
+    """A process whose environment lacks the gemma3 distribution's entry point serves no Gemma3 name."""
+    others = sorted(ep.name for ep in entry_points(group="vlm_batch") if ep.name != "gemma3")
+    env = dict(os.environ, VLM_BATCH_PLUGINS=",".join(others))
+    out = subprocess.run([sys.executable, "-m", "vlm_batch", "models"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    lines = listing(out)
+    assert not any(name.startswith(("Gemma3", "tiny-gemma3")) for name in lines)
+    assert "molmo-7B-D-0924" in lines and "OmniLMM_12B" in lines and "Llama-4-Scout-17B-16E-Instruct" in lines
+
+
+def test_unregistered_family_is_gone_in_process():
+    from vlm_batch.plugins import load_plugins, pm
+
+    load_plugins()
+    plugin = pm.unregister(name="llama4")
+    try:
+        lines = listing(CliRunner().invoke(cli, ["models"]).output)
+        assert "Llama-4-Scout-17B-16E-Instruct" not in lines and "Gemma3-4B" in lines
+    finally:
+        pm.register(plugin, name="llama4")
+    assert "Llama-4-Scout-17B-16E-Instruct" in listing(CliRunner().invoke(cli, ["models"]).output)
+
+
+def test_core_names_no_model_family():
+    core = Path(__file__).resolve().parents[1] / "src" / "vlm_batch"
+    pattern = re.compile(r"molmo|llama|gemma|omnilmm|minicpm|qwen", re.I)
+    hits = [f"{path.name}:{n}" for path in core.rglob("*.py")
+            for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
