@@ -8,6 +8,7 @@ import sys
 import click
 
 from . import __version__
+from .progress import quiet_when_piped
 from .sample_data import NAME as SAMPLE_DATASET
 
 
@@ -72,6 +73,7 @@ def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vl
                  max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, verbose):
     """Evaluate a model on a dataset; with no options, the embedded demo on the sample set."""
     _setup_logging(verbose)
+    quiet_when_piped()
     card = _resolve_model(model_name)
     from .engines import EngineError
     from .runner import PluginError, run_eval
@@ -122,6 +124,7 @@ def _report(summary, verbose: bool = False) -> None:
             for key, value in summary.engine_stats.items():
                 click.echo(f"  {key}: {value}")
     click.echo(f"predictions: {summary.prediction_file}")
+    click.echo(f"run report: {summary.report_file}")
     if summary.score is not None:
         click.echo("score:")
         click.echo(summary.score.to_string(index=False) if hasattr(summary.score, "to_string")
@@ -136,17 +139,19 @@ def _report(summary, verbose: bool = False) -> None:
 @click.option("--limit", type=click.IntRange(min=4), default=128, show_default=True, help="Items to run.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Engine's sequences at once (as in eval).")
 @click.option("--json", "json_path", default="bench.json", show_default=True, help="Where the figures go.")
+@click.option("--chart", "chart_path", default="bench.png", show_default=True, help="A bar chart of them.")
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True,
               help="Interleaved rounds; each mode's median is reported.")
 @click.option("--prep-workers", type=click.IntRange(min=0), default=0, show_default=True, help="As in eval.")
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
-def bench(model_name, dataset_name, engine, limit, batch_size, json_path, repeat, prep_workers,
+def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_path, repeat, prep_workers,
           trust_remote_code, verbose):
     """Items/s one at a time, in fixed batches of 4, and batched by vlm-batch, in one run."""
     _setup_logging(verbose)
+    quiet_when_piped()
     card = _resolve_model(model_name)
-    from .bench import run_bench, write_json
+    from .bench import run_bench, write_chart, write_json
     from .engines import EngineError
     from .vlmeval_bridge import DatasetError
 
@@ -157,12 +162,13 @@ def bench(model_name, dataset_name, engine, limit, batch_size, json_path, repeat
     except (DatasetError, EngineError) as exc:
         _fail(str(exc))
     write_json(report, json_path)
+    write_chart(report, chart_path)
     for name, ratio in report["ratios"].items():
         click.echo(f"{name.replace('_', ' ')}: {ratio}x")
     same = report["same_predictions"]
     verdict = "identical" if all(same.values()) else "DIFFERENT: " + ", ".join(k for k, v in same.items() if not v)
     click.echo(f"greedy predictions across modes: {verdict}")
-    click.echo(f"figures: {json_path}")
+    click.echo(f"figures: {json_path}, chart: {chart_path}")
     if not all(same.values()):
         sys.exit(1)
 

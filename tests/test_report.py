@@ -1,0 +1,59 @@
+"""What users see: progress on a terminal (and none in a pipe), the run report, the bench chart."""
+
+import json
+import os
+import pty
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def _eval(work, *extra):
+    return [sys.executable, "-m", "vlm_batch", "eval", "--engine", "hf", "--limit", "24", "--work-dir",
+            str(work), *extra]
+
+
+def test_progress_on_a_terminal_and_silence_in_a_pipe(tmp_path):
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(_eval(tmp_path / "tty", "--verbose"), stdout=slave, stderr=slave,
+                            env=dict(os.environ, COLUMNS="160"))
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=600)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, shown[-2000:]
+    for phase in ("prepare", "generate"):
+        assert f"{phase}: 100%" in shown, shown[-3000:]
+    assert "item/s" in shown and "<00:00" in shown          # speed and ETA
+    assert "batches 1, fill" in shown                        # --verbose: batch statistics
+
+    piped = subprocess.run(_eval(tmp_path / "pipe"), capture_output=True, text=True, timeout=600)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "item/s" not in piped.stderr + piped.stdout and "%|" not in piped.stderr + piped.stdout
+
+
+def test_run_report_beside_the_predictions(tmp_path):
+    done = subprocess.run(_eval(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    path = tmp_path / "tiny-qwen2-vl" / "tiny-qwen2-vl_VLMBatchShapes_run.json"
+    report = json.loads(path.read_text())
+    assert report["engine"]["name"] == "hf" and report["engine"]["args"]["device"] == "cpu"
+    for package in ("vlm-batch", "vlm-batch-qwen2-vl", "transformers", "torch", "ms-vlmeval"):
+        assert report["versions"][package]
+    assert (report["items"], report["generated"], report["resumed"], report["failed"]) == (24, 24, 0, 0)
+    assert report["items_per_s"] > 0 and report["tokens_per_s"] > 0 and 0 < report["batch_fill"] <= 1
+    assert report["splits"] == 0 and report["fallbacks"] == 0
+    assert report["score"][0]["split"] == "dev" and 0 <= report["score"][0]["Overall"] <= 1
+    again = subprocess.run(_eval(tmp_path), capture_output=True, text=True, timeout=600)
+    assert json.loads(path.read_text())["resumed"] == 24, again.stderr[-2000:]
