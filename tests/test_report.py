@@ -1,8 +1,11 @@
 """What users see: progress on a terminal (and none in a pipe), the run report, the bench chart."""
 
+import fcntl
 import json
 import os
 import pty
+import struct
+import termios
 import subprocess
 import sys
 
@@ -18,8 +21,8 @@ def _eval(work, *extra):
 
 def test_progress_on_a_terminal_and_silence_in_a_pipe(tmp_path):
     master, slave = pty.openpty()
-    proc = subprocess.Popen(_eval(tmp_path / "tty", "--verbose"), stdout=slave, stderr=slave,
-                            env=dict(os.environ, COLUMNS="160"))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # a 160-column terminal
+    proc = subprocess.Popen(_eval(tmp_path / "tty", "--verbose"), stdout=slave, stderr=slave)
     os.close(slave)
     chunks = []
     while True:

@@ -18,12 +18,12 @@ def _fail(message: str) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
-                        else "%(levelname)s: %(message)s")
-    if not verbose:
-        for noisy in ("vlmeval", "httpx", "urllib3", "PIL"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+    """Our own messages at INFO (DEBUG with --verbose); other libraries' only when they matter."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+                        if verbose else "%(levelname)s: %(message)s")
+    logging.getLogger("vlm_batch").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("vlmeval", "httpx", "urllib3", "PIL", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def _resolve_model(name: str | None):
