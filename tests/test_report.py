@@ -22,7 +22,9 @@ def _eval(work, *extra):
 def test_progress_on_a_terminal_and_silence_in_a_pipe(tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # a 160-column terminal
-    proc = subprocess.Popen(_eval(tmp_path / "tty", "--verbose"), stdout=slave, stderr=slave)
+    # in-process runs earlier in the session may have set TQDM_DISABLE for this process: a user's shell has not
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.Popen(_eval(tmp_path / "tty", "--verbose"), stdout=slave, stderr=slave, env=env)
     os.close(slave)
     chunks = []
     while True:
