@@ -26,7 +26,7 @@ def test_demo_eval_writes_vlmevalkit_files_and_scores(tmp_path):
     assert list(data["index"]) == list(source["index"])
     assert data["prediction"].notna().all()
     acc = pd.read_csv(tmp_path / "tiny-qwen2-vl" / "tiny-qwen2-vl_VLMBatchShapes_acc.csv")
-    assert "Overall" in acc.columns
+    assert acc["Overall"][0] >= 0.9   # the embedded model is trained: the demo shows a real score
     assert "score:" in proc.stdout and "items 40: generated 40, resumed 0, failed 0" in proc.stdout
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import random
 import string
 from pathlib import Path
@@ -32,8 +33,9 @@ def draw(shape: str, colour: str, rng: random.Random, size: int = SIZE):
     bg = tuple(rng.randint(225, 255) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(img)
-    r = rng.randint(size // 5, size // 3)
-    cx, cy = rng.randint(r + 2, size - r - 2), rng.randint(r + 2, size - r - 2)
+    r = rng.randint(size // 4, size * 9 // 25)
+    jitter = size // 8
+    cx, cy = size // 2 + rng.randint(-jitter, jitter), size // 2 + rng.randint(-jitter, jitter)
     fill = COLOURS[colour]
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -42,7 +44,7 @@ def draw(shape: str, colour: str, rng: random.Random, size: int = SIZE):
     elif shape == "triangle":
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     elif shape == "cross":
-        w = max(2, r // 3)
+        w = max(3, r // 3)
         d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
         d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     return img
@@ -56,6 +58,11 @@ def encode(img, fmt: str = "PNG") -> str:
 
 def rows(n: int = 160, seed: int = 0, n_options: int = 4):
     """MCQ rows in VLMEvalKit's columns; the answer's position is shuffled per row."""
+    return [row for row, _shape, _colour in items(n, seed, n_options)]
+
+
+def items(n: int = 160, seed: int = 0, n_options: int = 4):
+    """(row, shape drawn, colour drawn) triples: rows with the truth behind both questions."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -69,7 +76,7 @@ def rows(n: int = 160, seed: int = 0, n_options: int = 4):
         row = {"index": i, "image": encode(draw(shape, colour, rng)), "question": QUESTIONS[kind]}
         row.update(dict(zip(letters, options)))
         row.update(answer=letters[options.index(truth)], category=kind, split="dev")
-        out.append(row)
+        out.append((row, shape, colour))
     return out
 
 
@@ -87,15 +94,24 @@ def write_tsv(path: Path, data: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tsv.tmp")
     pd.DataFrame(data).to_csv(tmp, sep="\t", index=False)
+    # VLMEvalKit decodes each image once into images/<name>/ and never checks it again: images of
+    # an older version of the set would be shown with the new questions.
+    shutil.rmtree(path.parent / "images" / path.stem, ignore_errors=True)
     os.replace(tmp, path)
     return path
 
 
 def ensure(name: str = NAME) -> Path:
-    """Write the sample TSV into `$LMUData` unless it is already there."""
+    """Write the sample TSV into `$LMUData`, or rewrite it if an older version of the set is there."""
+    import pandas as pd
+
     path = lmudata_root() / f"{name}.tsv"
-    if not path.exists():
+    expected = pd.DataFrame(rows()).to_csv(sep="\t", index=False)
+    if not path.exists() or path.read_text() != expected:
         write_tsv(path, rows())
+    decoded = path.parent / "images" / name
+    if decoded.is_dir() and any(f.stat().st_mtime < path.stat().st_mtime for f in decoded.iterdir()):
+        shutil.rmtree(decoded, ignore_errors=True)   # decoded from an older TSV by an older version
     return path
 
 

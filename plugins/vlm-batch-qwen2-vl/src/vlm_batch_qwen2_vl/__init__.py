@@ -7,6 +7,7 @@ the engine sees the same pixels VLMEvalKit would give it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from vlm_batch import ModelCard, Request, hookimpl
 
@@ -34,8 +35,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 TINY_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
 
 
-def build_tiny(path) -> None:
-    """A 0.65M-parameter Qwen2-VL with random weights (std 0.2, so outputs vary with the input)."""
+def build_tiny(path, init_std: float = 0.02, text: dict | None = None, vision: dict | None = None) -> None:
+    """The tiny Qwen2-VL architecture (1.3M parameters) with random weights: where training starts."""
     import torch
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                               Qwen2VLProcessor)
@@ -52,9 +53,9 @@ def build_tiny(path) -> None:
             num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"], initializer_range=0.2),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2,
-                           initializer_range=0.2),
+            pad_token_id=ids["<|endoftext|>"], initializer_range=init_std, **(text or {})),
+        vision_config=dict(dict(depth=2, embed_dim=128, hidden_size=128, num_heads=4, mlp_ratio=4,
+                                initializer_range=init_std), **(vision or {})),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
@@ -67,10 +68,15 @@ def build_tiny(path) -> None:
     processor.save_pretrained(path)
 
 
-def tiny_checkpoint() -> str:
-    from vlm_batch.tiny import ensure_checkpoint
+TRAINED = Path(__file__).with_name("tiny")   # written by `python -m vlm_batch_qwen2_vl.train --out ...`
 
-    return ensure_checkpoint("tiny-qwen2-vl", build_tiny)
+
+def tiny_checkpoint() -> str:
+    """The trained tiny model shipped in this package (see train.py for how it was made)."""
+    if not (TRAINED / "model.safetensors").exists():
+        raise FileNotFoundError(f"the embedded model is missing from {TRAINED}; reinstall vlm-batch-qwen2-vl "
+                                "or rebuild it with `python -m vlm_batch_qwen2_vl.train --out` that folder")
+    return str(TRAINED)
 
 
 def _card(name, checkpoint, **kw):
@@ -90,7 +96,7 @@ def vlm_batch_models():
         _card("tiny-qwen2-vl", tiny_checkpoint, vlmeval_name="Qwen2-VL-2B-Instruct", demo=True,
               max_new_tokens=16, options=TINY_PIXELS,
               vllm_args={"max_model_len": 2048, "limit_mm_per_prompt": {"image": 4}},
-              description="random-weight Qwen2-VL built locally; the embedded demo"),
+              description="a 1.3M-parameter Qwen2-VL trained to read the sample set's shapes and colours"),
     ]
 
 

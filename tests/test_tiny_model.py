@@ -1,0 +1,41 @@
+"""The embedded model really answers: the shipped weights score well on rows they were not trained
+on, and retraining from the script (same seed) gives a model in the same accuracy band."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vlm_batch import runner
+
+pytestmark = pytest.mark.engine
+BAND = 0.9   # the issue's bar: at least 90% on the sample set, which training never sees
+
+
+def overall(summary) -> dict:
+    row = summary.score.iloc[0]
+    return {k: float(row[k]) for k in ("Overall", "shape", "colour")}
+
+
+def test_shipped_model_answers_the_sample_set(tiny_card, tmp_path):
+    from vlm_batch_qwen2_vl import TRAINED
+
+    summary = runner.run_eval(tiny_card, "VLMBatchShapes", work_dir=str(tmp_path), engine="hf")
+    scores = overall(summary)
+    assert scores["Overall"] >= BAND and min(scores["shape"], scores["colour"]) >= 0.8, scores
+    size = sum(p.stat().st_size for p in TRAINED.iterdir())
+    assert size <= 10 * 2**20, f"the shipped model is {size / 2**20:.1f} MB"
+
+
+def test_retraining_from_the_script_lands_in_the_same_band(tiny_card, tmp_path):
+    out = tmp_path / "retrained"
+    done = subprocess.run([sys.executable, "-m", "vlm_batch_qwen2_vl.train", "--out", str(out), "--seed", "0"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "training.json").read_text())
+    assert report["steps"] == 1500 and report["seconds"] < 600   # the issue's ten-minute budget
+    retrained = dataclasses.replace(tiny_card, checkpoint=str(out))
+    scores = overall(runner.run_eval(retrained, "VLMBatchShapes", work_dir=str(tmp_path / "eval"), engine="hf"))
+    assert scores["Overall"] >= BAND, scores
