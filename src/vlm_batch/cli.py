@@ -68,19 +68,42 @@ def cli():
 @click.option("--prep-workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes preparing prompts and images (0: this one); helps when images are large.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any item failed.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="GPUs per engine (vLLM tensor parallel); under torchrun, per rank.")
+@click.option("--ray", "use_ray", is_flag=True, help="Generate on a Ray cluster: replicas of the engine in a "
+              "Ray Data pipeline (needs vlm-batch[ray]).")
+@click.option("--ray-address", help="A running Ray cluster (e.g. auto, ray://head:10001); default: start one "
+              "here. Implies --ray.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Engine replicas with --ray.")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0),
+              help="GPUs each replica holds with --ray; default: --tp on GPU machines, 0 otherwise.")
 @click.option("-v", "--verbose", is_flag=True, help="Engine logs and batch statistics.")
 def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vllm, batch_size,
-                 max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, verbose):
-    """Evaluate a model on a dataset; with no options, the embedded demo on the sample set."""
+                 max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, tp, use_ray,
+                 ray_address, replicas, gpus_per_replica, verbose):
+    """Evaluate a model on a dataset; with no options, the embedded demo on the sample set.
+
+    Under torchrun (RANK and WORLD_SIZE set) each rank answers its share of the rows on its own
+    GPUs and rank 0 merges and scores, as VLMEvalKit's run.py does.
+    """
     _setup_logging(verbose)
     quiet_when_piped()
     card = _resolve_model(model_name)
     from .engines import EngineError
+    from .ranks import RankError
     from .runner import PluginError, run_eval
     from .vlmeval_bridge import DatasetError
 
     if use_vllm:
         engine = "vllm"
+    ray = None
+    if use_ray or ray_address:
+        from .ray_runner import RayOptions
+
+        ray = RayOptions(address=ray_address, replicas=replicas, gpus_per_replica=gpus_per_replica)
+    elif replicas != 1 or gpus_per_replica is not None:
+        _fail("--replicas and --gpus-per-replica are for --ray runs")
     options = {"batch_size": batch_size, "trust_remote_code": trust_remote_code, "verbose": verbose}
     if max_batch_memory:
         from .memory import parse_size
@@ -93,8 +116,9 @@ def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vl
             _fail(str(exc))
     try:
         summary = run_eval(card, dataset_name, work_dir=work_dir, mode=mode, judge=judge, engine=engine,
-                           limit=limit, engine_options=options, nproc=nproc, prep_workers=prep_workers)
-    except (DatasetError, EngineError, PluginError) as exc:
+                           limit=limit, engine_options=options, nproc=nproc, prep_workers=prep_workers,
+                           tp=tp, ray=ray)
+    except (DatasetError, EngineError, PluginError, RankError) as exc:   # RayRunError is an EngineError
         _fail(str(exc))
     except KeyboardInterrupt:
         click.echo("\nInterrupted: every finished item is saved; rerun the same command to resume.", err=True)

@@ -178,6 +178,48 @@ def vlmeval_state_files(work_dir: str, model_name: str, dataset_name: str) -> li
     return [p for p in paths if osp.exists(p)]
 
 
+def rank_file(work_dir: str, model_name: str, dataset_name: str, rank: int, world_size: int) -> str:
+    """VLMEvalKit's state file of one rank, `{rank}{world_size}_{dataset}.pkl`, as `infer_data_job` names it."""
+    return osp.join(pred_root(work_dir, model_name), f"{rank}{world_size}_{dataset_name}.pkl")
+
+
+def write_rank_file(dataset, positions, predictions: dict, path: str) -> str:
+    """This rank's rows as VLMEvalKit's `infer_data` leaves them: a pickled {index: prediction}."""
+    import pickle
+
+    from .journal import key
+
+    rows = dataset.data.iloc[list(positions)]
+    answers = {index: str(predictions[key(index)]) for index in rows["index"]}
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    tmp = path + ".partial"
+    with open(tmp, "wb") as fh:
+        pickle.dump(answers, fh)
+    os.replace(tmp, path)
+    return path
+
+
+def merge_rank_files(dataset, work_dir: str, model_name: str, world_size: int) -> dict:
+    """Every rank's answers, as rank 0 of `infer_data_job` gathers them; a missing rank or row is named."""
+    import pickle
+
+    from .journal import key
+
+    merged = {}
+    for rank in range(world_size):
+        path = rank_file(work_dir, model_name, dataset.dataset_name, rank, world_size)
+        if not osp.exists(path):
+            raise DatasetError(f"rank {rank} of {world_size} left no predictions ({path} is missing)")
+        with open(path, "rb") as fh:   # written by a rank of this run, under the user's work dir
+            merged.update({key(k): v for k, v in pickle.load(fh).items()})
+    missing = [i for i in dataset.data["index"] if key(i) not in merged]
+    if missing:
+        owners = {key(i): p % world_size for p, i in enumerate(dataset.data["index"])}
+        raise DatasetError(f"no prediction for items {missing[:10]} (ranks "
+                           f"{sorted({owners[key(i)] for i in missing})} of {world_size})")
+    return merged
+
+
 def previous_predictions(work_dir: str, model_name: str, dataset_name: str) -> dict:
     """Predictions an earlier run left: the final file, then VLMEvalKit's pickles; failures excluded."""
     import pickle

@@ -1,0 +1,301 @@
+"""Generation on a Ray cluster: Ray Data streams the rows through CPU tasks and a pool of engine replicas.
+
+    positions -> prepare (CPU tasks: prompt, image decoding, plugin `prepare`)
+              -> Replica actors (N of them, each its own vLLM or transformers engine, K GPUs each)
+              -> this process, which journals every result as it arrives
+
+The driver keeps the same journal as a single-process run, so an interrupted run resumes either
+way, and writes VLMEvalKit's files itself. A replica that dies is restarted by Ray Data and its
+batch retried; answers seen twice are kept once, and rows that never came back are sent again.
+
+Ray is an optional extra (`vlm-batch[ray]`): only this module imports it, and only when called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass
+
+from . import __version__
+from .engines import EngineError
+from .journal import Journal, key
+from .request import Result
+
+log = logging.getLogger(__name__)
+PREP_ROWS = 8        # rows per preparation task
+PREP_CPUS = 0.5      # a preparation task is light Python work: two share a core
+RESULT_ROWS = 8      # a replica sends its answers back in groups of this many, as they finish
+# Engines meet more requests at once in bigger batches; the driver still journals every RESULT_ROWS.
+BATCH_ROWS = {"vllm": 256, "hf": 32}
+# What replicas need from the driver's environment when they run on other nodes or a started cluster.
+FORWARDED_ENV = ("LMUData", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLM_BATCH_HOME",
+                 "VLM_BATCH_PLUGINS")
+
+
+class RayRunError(EngineError):
+    """The Ray cluster could not be used, or rows stayed unanswered."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None          # a running cluster ("auto", "ray://host:10001"); None: start one here
+    replicas: int = 1
+    gpus_per_replica: float | None = None   # None: the engine's tensor-parallel size on GPU machines, else 0
+    batch_rows: int | None = None       # rows a replica takes at a time; None: per engine
+    resubmits: int = 2                  # passes over rows that no replica answered
+
+
+def plan_cpus(cluster_cpus: float, replicas: int) -> tuple[float, float]:
+    """(CPUs per replica, CPUs per preparation task).
+
+    A replica takes one CPU where the cluster has room for every replica and a preparation task
+    besides, otherwise an equal share of what is left after one preparation task (Ray counts CPUs
+    in ten-thousandths: shares are rounded down so they never add up to more than the cluster has).
+    The two amounts differ on purpose: Ray Data fuses stages that ask for the same resources, and
+    preparation must stay in CPU tasks beside the replicas, not inside them.
+    """
+    if replicas < 1:
+        raise ValueError("at least one replica")
+    if cluster_cpus >= replicas + PREP_CPUS:
+        return 1.0, PREP_CPUS
+    share = math.floor((cluster_cpus - PREP_CPUS) / replicas * 100) / 100
+    if share <= 0:
+        raise RayRunError(f"the Ray cluster has {cluster_cpus:g} CPUs: too few for {replicas} replicas and "
+                          "the preparation tasks; lower --replicas or add CPUs")
+    return (share - 0.01 if share == PREP_CPUS else share), PREP_CPUS
+
+
+def connect(address: str | None, verbose: bool = False):
+    """Ray, connected: to `address`, to the cluster this process already joined, or a new local one."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayRunError("--ray needs Ray Data: pip install 'vlm-batch[ray]'") from exc
+    if not ray.is_initialized():
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose,
+                     include_dashboard=False)
+        except Exception as exc:
+            raise RayRunError(f"could not reach a Ray cluster at {address or 'a new local cluster'}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return ray
+
+
+# -- remote stages ---------------------------------------------------------------------------------
+
+_datasets: dict = {}   # per worker process: the dataset object fetched once from the object store
+
+
+def _dataset(ref):
+    import ray
+
+    if ref.hex() not in _datasets:
+        _datasets.clear()
+        _datasets[ref.hex()] = ray.get(ref)
+    return _datasets[ref.hex()]
+
+
+def _worker() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def prepare_batch(batch: dict, card, dataset_ref) -> dict:
+    """Rows (by position) as pickled Requests, or the cause a row cannot be asked; a CPU task."""
+    from . import vlmeval_bridge
+    from .plugins import load_plugins
+    from .runner import prepare_row
+
+    load_plugins()   # a fresh worker: the installed plugins, as the driver has them
+    dataset = _dataset(dataset_ref)
+    build = vlmeval_bridge.prompt_builder(card, dataset)
+    out = {"position": [], "index": [], "request": [], "error": [], "prepared_by": []}
+    for position in batch["position"]:
+        prepared = prepare_row(card, dataset, build, int(position))
+        failed = isinstance(prepared, Result)
+        out["position"].append(int(position))
+        out["index"].append(json.dumps(key(prepared.index)))
+        out["request"].append(b"" if failed else pickle.dumps(prepared))
+        out["error"].append(prepared.error if failed else "")
+        out["prepared_by"].append(_worker())
+    return out
+
+
+class Replica:
+    """One engine, started by the same plugin hooks as a single-process run, answering batches."""
+
+    def __init__(self, card, engine: str, engine_options: dict):
+        from .engines import load_engine
+        from .plugins import load_plugins
+
+        load_plugins()
+        self.card, self.engine_name, self.options = card, engine, engine_options
+        self.engine = load_engine(engine, card, **engine_options)
+        self.id = _worker()
+        self.restarts = 0
+        self.ready_at = time.time()   # generation time is counted from the first replica ready
+
+    def __call__(self, batch: dict):
+        """The batch's answers, RESULT_ROWS at a time as they finish; an engine that dies is
+        restarted once per batch, and the batch's rows not yet answered go to the new one."""
+        from .engines import load_engine
+        from .runner import generate
+
+        positions = {json.loads(i): int(p) for i, p in zip(batch["index"], batch["position"])}
+        prepared_by = dict(zip(positions, batch["prepared_by"]))
+        pending, done, answered = [], [], set()
+        for index, blob, error in zip(batch["index"], batch["request"], batch["error"]):
+            if blob:
+                pending.append(pickle.loads(blob))
+            else:
+                done.append(Result(index=json.loads(index), error=str(error)))
+        for attempt in range(2):
+            try:
+                for result in generate(self.card, self.engine, iter(pending)):
+                    done.append(result)
+                    answered.add(key(result.index))
+                    if len(done) >= RESULT_ROWS:
+                        yield self._rows(done, positions, prepared_by)
+                        done = []
+                break
+            except EngineError as exc:
+                pending = [r for r in pending if key(r.index) not in answered]
+                if attempt:
+                    raise EngineError(f"replica {self.id}: {exc}") from exc
+                log.error("replica %s: %s; restarting its engine for %d items", self.id, exc, len(pending))
+                self.engine.close()
+                self.engine = load_engine(self.engine_name, self.card, **self.options)
+                self.restarts += 1
+        if done:
+            yield self._rows(done, positions, prepared_by)
+
+    def _rows(self, results: list, positions: dict, prepared_by: dict) -> dict:
+        return {"position": [positions[key(r.index)] for r in results],
+                "index": [json.dumps(key(r.index)) for r in results],
+                "text": ["" if r.text is None else r.text for r in results],
+                "error": ["" if r.ok else r.error for r in results],
+                "prompt_tokens": [int(r.prompt_tokens) for r in results],
+                "output_tokens": [int(r.output_tokens) for r in results],
+                "replica": [self.id] * len(results), "engine": [self.engine.name] * len(results),
+                "restarts": [self.restarts] * len(results), "ready_at": [self.ready_at] * len(results),
+                "prepared_by": [str(prepared_by[key(r.index)]) for r in results]}
+
+
+def root_cause(exc: BaseException) -> str:
+    """The error the remote code raised: the last one its traceback names (Ray wraps it in its own
+    error, with every frame of the chain)."""
+    import re
+
+    text = str(exc)
+    found = re.findall(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt)): (.+)$", text, re.M)
+    if found:
+        name, message = found[-1]
+        return f"{name}: {message.strip()}"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _result(row) -> Result:
+    error = str(row["error"]) or None
+    return Result(index=json.loads(row["index"]), text=None if error else str(row["text"]), error=error,
+                  prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]))
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+def infer_on_ray(card, dataset, *, work_dir: str, engine: str, engine_options: dict, summary,
+                 ray_options: RayOptions) -> dict:
+    """Answers for every row, as `runner.infer` gives them, generated by replicas on a Ray cluster."""
+    from .engines import on_gpu
+    from .runner import journal_path, load_progress, tally
+
+    verbose = engine_options.get("verbose", False)
+    ray = connect(ray_options.address, verbose)
+    import ray.data
+
+    from .progress import bar
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = verbose   # ours below, unless -v
+
+    jpath = journal_path(work_dir, card.name, dataset.dataset_name)
+    answers, _ = load_progress(work_dir, card, dataset.dataset_name, own=jpath)
+    every = [key(i) for i in dataset.data["index"]]
+    summary.resumed = sum(i in answers for i in every)
+    if summary.resumed:
+        log.info("resuming: %d of %d items already answered", summary.resumed, len(every))
+    results = {i: Result(index=i, text=answers[i]) for i in every if i in answers}
+    todo = [p for p, i in enumerate(every) if i not in results]
+    gpus = ray_options.gpus_per_replica
+    if gpus is None:
+        gpus = engine_options.get("tensor_parallel_size", 1) if on_gpu() else 0
+    replica_cpus, prep_cpus = plan_cpus(ray.cluster_resources().get("CPU", 0), ray_options.replicas)
+    batch_rows = ray_options.batch_rows or BATCH_ROWS.get(engine, 32)
+    card.path()   # a tiny local checkpoint is built here once, not by every replica at the same time
+    dataset_ref = ray.put(dataset)
+    seen: dict[str, int] = {}          # replica -> items it answered
+    preparers: set = set()
+    duplicates, resubmitted, engine_restarts = 0, 0, {}
+    journal = Journal(jpath, {"model": card.name, "dataset": dataset.dataset_name, "vlm_batch": __version__})
+    progress = bar(len(todo), f"generate ({ray_options.replicas} replicas)")
+    t0, first_ready = time.time(), None
+    try:
+        for attempt in range(1 + ray_options.resubmits):
+            if not todo:
+                break
+            if attempt:
+                resubmitted += len(todo)
+                log.warning("%d items came back from no replica; sending them again", len(todo))
+            rows = ray.data.from_items([{"position": p} for p in todo])
+            prepared = rows.map_batches(prepare_batch, fn_kwargs={"card": card, "dataset_ref": dataset_ref},
+                                        batch_size=PREP_ROWS, num_cpus=prep_cpus)
+            answered = prepared.map_batches(
+                Replica, fn_constructor_kwargs={"card": card, "engine": engine, "engine_options": engine_options},
+                compute=ray.data.ActorPoolStrategy(size=ray_options.replicas), batch_size=batch_rows,
+                num_cpus=replica_cpus, num_gpus=gpus or None)
+            try:
+                for row in answered.iter_rows():
+                    result = _result(row)
+                    i = key(result.index)
+                    if i in results:
+                        duplicates += 1   # a retried batch answered it again: the first answer stands
+                        continue
+                    journal.append(result)
+                    results[i] = result
+                    progress.update(1)
+                    seen[row["replica"]] = seen.get(row["replica"], 0) + 1
+                    engine_restarts[row["replica"]] = int(row["restarts"])
+                    summary.engine = row["engine"]
+                    preparers.add(str(row["prepared_by"]))
+                    first_ready = min(first_ready or float(row["ready_at"]), float(row["ready_at"]))
+                    if not result.ok:
+                        log.warning("item %s failed: %s", result.index, result.error)
+            except Exception as exc:
+                log.debug("the Ray pipeline failed: %s", exc)
+                raise RayRunError(f"the Ray pipeline failed: {root_cause(exc)}; {len(results)} of {len(every)} "
+                                  "items are saved, rerun the same command to resume") from exc
+            todo = [p for p in todo if every[p] not in results]
+    finally:
+        journal.close()
+        progress.close()
+        pipeline_s = time.time() - t0
+        summary.infer_s += time.time() - max(t0, first_ready or t0)
+    if todo:
+        raise RayRunError(f"items {[every[p] for p in todo][:10]} got no answer from any replica after "
+                          f"{ray_options.resubmits} resubmissions; the others are saved, rerun to resume")
+    tally(summary, results, answers)
+    # A replica process that died and was restarted comes back with a new id; engines a replica
+    # restarted itself are counted by it.
+    summary.restarts = max(0, len(seen) - ray_options.replicas) + sum(engine_restarts.values())
+    summary.engine_stats = {"ray": {"replicas": ray_options.replicas, "gpus_per_replica": gpus,
+                                    "cpus_per_replica": replica_cpus, "batch_rows": batch_rows,
+                                    "answered_by": seen, "prepared_by": sorted(preparers),
+                                    "duplicates": duplicates, "resubmitted": resubmitted,
+                                    "pipeline_s": round(pipeline_s, 3)}}   # replicas' start-up included
+    return results
