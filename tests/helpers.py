@@ -50,7 +50,7 @@ def shape_rows(n: int, seed: int = 3):
 # Runs the CLI with an in-process plugin that writes each request's index to $VLM_BATCH_TEST_TRACE
 # as the engine takes it: the count of engine calls per item, across killed and resumed runs.
 TRACED_CLI = r'''
-import os, sys
+import os, sys, time
 from vlm_batch import hookimpl
 from vlm_batch.plugins import pm
 
@@ -62,6 +62,7 @@ class Trace:
                 for request in requests:
                     fh.write(f"{request.index}\n")
                     fh.flush()
+                    time.sleep(float(os.environ.get("VLM_BATCH_TEST_DELAY", 0)))   # a slower model
                     yield request
         return engine.generate(traced())
 

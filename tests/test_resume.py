@@ -114,10 +114,59 @@ def test_vlm_batch_state_does_not_confuse_vlmevalkit(tmp_path, tiny_card, vlmeva
 
 # -- killed processes ---------------------------------------------------------------------------
 
-def _start(args, trace, env_extra=None):
-    env = dict(os.environ, VLM_BATCH_TEST_TRACE=str(trace), **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-c", TRACED_CLI, "eval", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Run:
+    """A traced `vlm-batch eval` subprocess whose output goes to files: a pipe nobody reads while the
+    test waits could fill up and stall the run."""
+
+    started: list = []
+
+    def __init__(self, args, trace, env_extra=None):
+        # the trained tiny model answers a few hundred items a second: slow it to a real model's pace
+        # so that the kills land mid-run
+        env = dict(os.environ, VLM_BATCH_TEST_TRACE=str(trace), VLM_BATCH_TEST_DELAY="0.02", **(env_extra or {}))
+        self.out, self.err = Path(f"{trace}.out"), Path(f"{trace}.err")
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", TRACED_CLI, "eval", *args], env=env,
+                                         stdout=out, stderr=err, text=True)
+        Run.started.append(self.proc)
+        self.pid = self.proc.pid
+
+    def send_signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout=None):
+        return self.proc.wait(timeout)
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+    def communicate(self, timeout=None):
+        self.proc.wait(timeout)
+        return self.out.read_text(), self.err.read_text()
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    yield
+    import psutil
+
+    for proc in Run.started:
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    Run.started.clear()
+
+
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -126,7 +175,7 @@ def _wait_for(predicate, proc, timeout=300):
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.communicate()[1][-2000:]}")
         time.sleep(0.05)
     raise AssertionError("timed out waiting")
 
@@ -146,7 +195,7 @@ def test_sigkill_at_several_moments_then_resume(tmp_path, tiny_card, lmudata):
     def run_and_kill(k, when, env_extra=None):
         finished_before.append(_finished(jpath))
         traces.append(tmp_path / f"trace{k}")
-        proc = _start([*args, "--work-dir", str(work)], traces[-1], env_extra)
+        proc = Run([*args, "--work-dir", str(work)], traces[-1], env_extra)
         _wait_for(when, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -161,7 +210,7 @@ def test_sigkill_at_several_moments_then_resume(tmp_path, tiny_card, lmudata):
 
     finished_before.append(_finished(jpath))
     traces.append(tmp_path / "trace_last")
-    last = _start([*args, "--work-dir", str(work)], traces[-1])
+    last = Run([*args, "--work-dir", str(work)], traces[-1])
     out, err = last.communicate(timeout=600)
     assert last.returncode == 0, err[-3000:]
     assert f"resumed {len(finished_before[-1])}" in out
@@ -183,7 +232,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_card, lmudata):
     name = write_dataset(lmudata, "Interrupt", shape_rows(200, seed=24))
     args = ["--dataset", name, "--engine", "hf", "--batch-size", "4", "--mode", "infer", "--work-dir", str(tmp_path)]
     jpath = runner.journal_path(str(tmp_path), tiny_card.name, name)
-    proc = _start(args, tmp_path / "trace0")
+    proc = Run(args, tmp_path / "trace0")
     _wait_for(lambda: len(_finished(jpath)) >= 20, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -191,7 +240,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_card, lmudata):
     assert "Interrupted: every finished item is saved" in err
     saved = _finished(jpath)
     assert len(saved) >= 20 and Path(jpath).read_bytes().endswith(b"\n")   # closed between records
-    again = _start(args, tmp_path / "trace1")
+    again = Run(args, tmp_path / "trace1")
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-2000:]
     assert f"resumed {len(saved)}" in out and not set(read_trace(tmp_path / "trace1")) & saved
@@ -204,7 +253,7 @@ def test_vllm_engine_killed_mid_run_is_restarted(tmp_path, tiny_card, lmudata):
     name = write_dataset(lmudata, "KillEngine", shape_rows(160, seed=25))
     args = ["--dataset", name, "--batch-size", "1", "--mode", "infer", "--work-dir", str(tmp_path)]
     jpath = runner.journal_path(str(tmp_path), tiny_card.name, name)
-    proc = _start(args, tmp_path / "trace")
+    proc = Run(args, tmp_path / "trace")
     _wait_for(lambda: len(_finished(jpath)) >= 10, proc, timeout=400)
     cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in " ".join(
         [p.name(), *p.cmdline()])]
