@@ -10,12 +10,18 @@ def test_same_seed_same_rows_and_answers_are_options():
         assert row[row["answer"]] == (shape if row["category"] == "shape" else colour)
 
 
-def test_rewriting_the_set_drops_images_vlmevalkit_decoded_from_the_old_one(tmp_path, monkeypatch):
+def _decoded_by_vlmevalkit(tmp_path, monkeypatch):
+    """The sample set in a fresh `$LMUData`, and one image as VLMEvalKit leaves it decoded beside it."""
     monkeypatch.setenv("LMUData", str(tmp_path))
     path = sample_data.ensure()
     decoded = tmp_path / "images" / path.stem
     decoded.mkdir(parents=True)
-    (decoded / "0.jpg").write_bytes(b"an image of the current set")
+    (decoded / "0.jpg").write_bytes(b"a decoded image")
+    return path, decoded
+
+
+def test_rewriting_the_set_drops_images_vlmevalkit_decoded_from_the_old_one(tmp_path, monkeypatch):
+    path, decoded = _decoded_by_vlmevalkit(tmp_path, monkeypatch)
     sample_data.ensure()                                  # unchanged set: VLMEvalKit's cache stays
     assert (decoded / "0.jpg").exists()
     path.write_text(path.read_text().replace("circle", "oval"))   # an older version of the set
@@ -26,11 +32,7 @@ def test_rewriting_the_set_drops_images_vlmevalkit_decoded_from_the_old_one(tmp_
 def test_images_decoded_before_the_tsv_was_written_are_dropped(tmp_path, monkeypatch):
     import os
 
-    monkeypatch.setenv("LMUData", str(tmp_path))
-    path = sample_data.ensure()
-    decoded = tmp_path / "images" / path.stem
-    decoded.mkdir(parents=True)
-    (decoded / "0.jpg").write_bytes(b"decoded from an older TSV")
+    path, decoded = _decoded_by_vlmevalkit(tmp_path, monkeypatch)
     os.utime(decoded / "0.jpg", (path.stat().st_mtime - 60,) * 2)
     sample_data.ensure()
     assert not decoded.exists()

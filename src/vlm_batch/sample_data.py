@@ -106,9 +106,9 @@ def ensure(name: str = NAME) -> Path:
     import pandas as pd
 
     path = lmudata_root() / f"{name}.tsv"
-    expected = pd.DataFrame(rows()).to_csv(sep="\t", index=False)
-    if not path.exists() or path.read_text() != expected:
-        write_tsv(path, rows())
+    data = rows()
+    if not path.exists() or path.read_text() != pd.DataFrame(data).to_csv(sep="\t", index=False):
+        write_tsv(path, data)
     decoded = path.parent / "images" / name
     if decoded.is_dir() and any(f.stat().st_mtime < path.stat().st_mtime for f in decoded.iterdir()):
         shutil.rmtree(decoded, ignore_errors=True)   # decoded from an older TSV by an older version
