@@ -120,7 +120,7 @@ def _interruptible():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-class Run:
+class Run(subprocess.Popen):
     """A traced `vlm-batch eval` subprocess whose output goes to files: a pipe nobody reads while the
     test waits could fill up and stall the run."""
 
@@ -133,26 +133,12 @@ class Run:
         env.update(env_extra or {})
         self.out, self.err = Path(f"{trace}.out"), Path(f"{trace}.err")
         with self.out.open("w") as out, self.err.open("w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", TRACED_CLI, "eval", *args], env=env,
-                                         stdout=out, stderr=err, text=True, preexec_fn=_interruptible)
-        Run.started.append(self.proc)
-        self.pid = self.proc.pid
+            super().__init__([sys.executable, "-c", TRACED_CLI, "eval", *args], env=env, stdout=out, stderr=err,
+                             preexec_fn=_interruptible)
+        Run.started.append(self)
 
-    def send_signal(self, sig):
-        self.proc.send_signal(sig)
-
-    def poll(self):
-        return self.proc.poll()
-
-    def wait(self, timeout=None):
-        return self.proc.wait(timeout)
-
-    @property
-    def returncode(self):
-        return self.proc.returncode
-
-    def communicate(self, timeout=None):
-        self.proc.wait(timeout)
+    def communicate(self, input=None, timeout=None):
+        self.wait(timeout)
         return self.out.read_text(), self.err.read_text()
 
 
@@ -172,8 +158,6 @@ def _no_run_outlives_its_test():
             except psutil.NoSuchProcess:
                 pass
     Run.started.clear()
-
-
 
 
 def _wait_for(predicate, proc, timeout=300):
