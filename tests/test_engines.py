@@ -111,3 +111,33 @@ def test_bench_reports_modes_ratios_and_agreement(tmp_path):
     assert "vlm batch vs one at a time" in result.output and "identical" in result.output
     with Image.open(chart) as img:
         assert img.format == "PNG" and img.width > 400 and len(img.getcolors(1 << 16) or ()) > 10
+
+
+def test_vllm_on_cpu_runs_the_model_in_its_one_engine_process(vllm_engine):
+    """No separate worker to busy-wait on: the engine core holds the model."""
+    import psutil
+
+    names = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert names.count("VLLM::EngineCore") == 1, names
+    assert not [n for n in names if "Worker" in n], names
+
+
+def test_vllm_bench_turns_off_caches_only_repeats_would_hit(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "--limit", "8", "--repeat", "1", "--json", str(out),
+                                      "--chart", str(tmp_path / "bench.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    args = report["engine_details"]["args"]
+    assert args["mm_processor_cache_gb"] == 0 and args["enable_prefix_caching"] is False
+    assert report["caches_off"] == ["enable_prefix_caching", "mm_processor_cache_gb"]
+    assert all(report["same_predictions"].values()) and report["warnings"] == []
+    assert report["mean_output_tokens"] >= 1
+
+
+def test_bench_warns_when_batches_were_split_or_retried():
+    from vlm_batch.bench import _warnings
+
+    assert _warnings({"processor": {"splits": 0, "fallbacks": 0, "failed": 0}}) == []
+    warned = _warnings({"processor": {"splits": 2, "fallbacks": 1, "failed": 0}, "failed_items": 1})
+    assert [w.split()[:2] for w in warned] == [["2", "splits"], ["1", "fallbacks"], ["1", "items"]]

@@ -18,6 +18,12 @@ from .engines import engine_stats, load_engine
 from .prefetch import Preparer
 
 
+# Every round sends the same items again. An evaluation sees each item once, so caches that only a
+# repeat would hit (vLLM's processed-image cache, whole-prompt prefixes) would flatter each round
+# after the first: they are off, for every mode alike.
+NO_REPEAT_CACHES = {"mm_processor_cache_gb": 0, "enable_prefix_caching": False}
+
+
 def _timed(fn):
     started = time.perf_counter()
     out = fn()
@@ -37,7 +43,10 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
     if failures:
         raise RuntimeError(f"{len(failures)} items could not be prepared, e.g. {failures[0].error}")
     preparer = Preparer(card, bridge.load_dataset(dataset_name, limit), prep_workers)   # forks before the engine
-    eng = load_engine(engine, card, **(engine_options or {}))
+    options = dict(engine_options or {})
+    if engine == "vllm":
+        options = {**NO_REPEAT_CACHES, **options}
+    eng = load_engine(engine, card, **options)
     chunks = [requests[i:i + fixed] for i in range(0, len(requests), fixed)]
     runs = {
         "one_at_a_time": lambda: [r for q in requests for r in eng.run_batch([q])],
@@ -46,6 +55,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "pipeline": lambda: list(runner.generate(card, eng, preparer.requests(failures))),
     }
     times: dict = {k: [] for k in runs}
+    tokens: list = []
     outputs: dict = {k: [] for k in runs}
     details = {}
     try:
@@ -59,6 +69,8 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
                 outputs[name].append(_texts(out))
                 if name == "vlm_batch":
                     details = engine_stats(eng)
+                    tokens = [r.output_tokens for r in out]
+                    details["failed_items"] = sum(not r.ok for r in out)
     finally:
         eng.close()
         preparer.close()
@@ -72,6 +84,8 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "model": card.name, "dataset": dataset_name, "engine": engine, "items": len(requests),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "prepare_s": round(prep_s, 3),
+        "mean_output_tokens": round(statistics.mean(tokens), 2) if tokens else None,
+        "caches_off": sorted(NO_REPEAT_CACHES) if engine == "vllm" else [],
         "prep_workers": preparer.workers,
         "repeat": repeat,
         "seconds": {k: round(v, 3) for k, v in modes.items()},
@@ -84,8 +98,19 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         },
         "same_predictions": agree,
         "engine_details": details,
+        "warnings": _warnings(details),
     }
     return report
+
+
+def _warnings(details: dict) -> list[str]:
+    """What would make the batched figure not a batching figure: items split or retried alone."""
+    processor = details.get("processor", {})
+    out = [f"{processor[k]} {k} in the batched run: its speed is not that of whole batches"
+           for k in ("splits", "fallbacks", "failed") if processor.get(k)]
+    if details.get("failed_items"):
+        out.append(f"{details['failed_items']} items failed in the batched run")
+    return out
 
 
 def write_json(report: dict, path: str) -> None:

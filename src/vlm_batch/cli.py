@@ -192,6 +192,8 @@ def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_
     same = report["same_predictions"]
     verdict = "identical" if all(same.values()) else "DIFFERENT: " + ", ".join(k for k, v in same.items() if not v)
     click.echo(f"greedy predictions across modes: {verdict}")
+    for warning in report["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"figures: {json_path}, chart: {chart_path}")
     if not all(same.values()):
         sys.exit(1)
