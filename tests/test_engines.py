@@ -138,6 +138,6 @@ def test_vllm_bench_turns_off_caches_only_repeats_would_hit(tmp_path):
 def test_bench_warns_when_batches_were_split_or_retried():
     from vlm_batch.bench import _warnings
 
-    assert _warnings({"processor": {"splits": 0, "fallbacks": 0, "failed": 0}}) == []
-    warned = _warnings({"processor": {"splits": 2, "fallbacks": 1, "failed": 0}, "failed_items": 1})
+    assert _warnings({"processor": {"splits": 0, "fallbacks": 0, "failed": 0}, "failed_items": 0}) == []
+    warned = _warnings({"processor": {"splits": 2, "fallbacks": 1, "failed": 1}, "failed_items": 1})
     assert [w.split()[:2] for w in warned] == [["2", "splits"], ["1", "fallbacks"], ["1", "items"]]

@@ -104,10 +104,10 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
 
 
 def _warnings(details: dict) -> list[str]:
-    """What would make the batched figure not a batching figure: items split or retried alone."""
+    """What would make the batched figure not a batching figure: batches split, items retried alone or lost."""
     processor = details.get("processor", {})
     out = [f"{processor[k]} {k} in the batched run: its speed is not that of whole batches"
-           for k in ("splits", "fallbacks", "failed") if processor.get(k)]
+           for k in ("splits", "fallbacks") if processor.get(k)]
     if details.get("failed_items"):
         out.append(f"{details['failed_items']} items failed in the batched run")
     return out
