@@ -22,7 +22,7 @@ def tiny_card():
 
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_card):
-    """The session's one vLLM engine (each start costs 30-45 s on this CPU)."""
+    """The session's one vLLM engine (each start costs 13-45 s on this CPU)."""
     from vlm_batch.engines.vllm import VLLMEngine
 
     engine = VLLMEngine(tiny_card)
