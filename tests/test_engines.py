@@ -106,6 +106,7 @@ def test_bench_reports_modes_ratios_and_agreement(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["items_per_s"]) == {"one_at_a_time", "fixed_4", "vlm_batch", "pipeline"}
     assert all(v > 0 for v in report["items_per_s"].values())
+    assert all(m["wall"] > 0 and m["this_process"] > 0 for m in report["ms_per_item"].values())
     assert report["same_predictions"] == {"one_at_a_time": True, "fixed_4": True, "vlm_batch": True,
                                           "pipeline": True}
     assert "vlm batch vs one at a time" in result.output and "identical" in result.output
@@ -133,6 +134,8 @@ def test_vllm_bench_turns_off_caches_only_repeats_would_hit(tmp_path):
     assert report["caches_off"] == ["enable_prefix_caching", "mm_processor_cache_gb"]
     assert all(report["same_predictions"].values()) and report["warnings"] == []
     assert report["mean_output_tokens"] >= 1
+    batched = report["ms_per_item"]["vlm_batch"]
+    assert batched["child_processes"] > 0 and batched["this_process"] > 0   # the model runs in the engine core
 
 
 def test_bench_warns_when_batches_were_split_or_retried():

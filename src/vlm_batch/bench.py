@@ -3,6 +3,7 @@
 (a) one at a time, as VLMEvalKit's loop does; (b) fixed batches of 4, waiting for each, as the seed
 did; (c) vlm-batch's batching on already-prepared requests; and the whole pipeline (rows, prompts,
 images, prepare, engine) to show what preparation costs. Predictions must agree across all four.
+CPU time per item, here and in child processes (vLLM's engine core), shows which side bounds each.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ def _timed(fn):
     return out, time.perf_counter() - started
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU time used so far by this process and by its child processes (vLLM's engine core, any
+    preparation workers): set against the wall time, it shows which side is the bottleneck."""
+    import psutil
+
+    def used(proc):
+        try:
+            t = proc.cpu_times()
+            return t.user + t.system
+        except psutil.Error:   # a child that ended meanwhile
+            return 0.0
+
+    me = psutil.Process()
+    return used(me), sum(used(child) for child in me.children(recursive=True))
+
+
 def _texts(results) -> dict:
     return {r.index: r.prediction for r in results}
 
@@ -55,6 +72,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "pipeline": lambda: list(runner.generate(card, eng, preparer.requests(failures))),
     }
     times: dict = {k: [] for k in runs}
+    cpu: dict = {k: [] for k in runs}
     tokens: list = []
     outputs: dict = {k: [] for k in runs}
     details = {}
@@ -64,8 +82,11 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
             f"median of {repeat} interleaved rounds")
         for _ in range(repeat):   # interleaved, so drift in machine load hits every mode alike
             for name, fn in runs.items():
+                before = _cpu_seconds()
                 out, seconds = _timed(fn)
+                after = _cpu_seconds()
                 times[name].append(seconds)
+                cpu[name].append((after[0] - before[0], after[1] - before[1]))
                 outputs[name].append(_texts(out))
                 if name == "vlm_batch":
                     details = engine_stats(eng)
@@ -75,8 +96,14 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         eng.close()
         preparer.close()
     modes = {k: statistics.median(v) for k, v in times.items()}
+    per_item = {k: {"wall": 1e3 * modes[k] / len(requests),
+                    "this_process": 1e3 * statistics.median(c[0] for c in v) / len(requests),
+                    "child_processes": 1e3 * statistics.median(c[1] for c in v) / len(requests)}
+                for k, v in cpu.items()}
     for name, seconds in modes.items():
-        log(f"  {name.replace('_', ' '):<16} {len(requests) / seconds:8.2f} items/s")
+        ms = per_item[name]
+        log(f"  {name.replace('_', ' '):<16} {len(requests) / seconds:8.2f} items/s   per item: {ms['wall']:.2f} ms "
+            f"wall, CPU {ms['this_process']:.2f} ms here + {ms['child_processes']:.2f} ms in child processes")
     rate = {k: len(requests) / v for k, v in modes.items()}
     reference = outputs["one_at_a_time"][0]
     agree = {k: all(o == reference for o in v) for k, v in outputs.items()}
@@ -91,6 +118,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "seconds": {k: round(v, 3) for k, v in modes.items()},
         "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "items_per_s": {k: round(v, 2) for k, v in rate.items()},
+        "ms_per_item": {k: {part: round(x, 3) for part, x in v.items()} for k, v in per_item.items()},
         "ratios": {
             "vlm_batch_vs_one_at_a_time": round(rate["vlm_batch"] / rate["one_at_a_time"], 2),
             f"vlm_batch_vs_fixed_{fixed}": round(rate["vlm_batch"] / rate[f"fixed_{fixed}"], 2),
