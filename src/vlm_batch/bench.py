@@ -26,9 +26,11 @@ NO_REPEAT_CACHES = {"mm_processor_cache_gb": 0, "enable_prefix_caching": False}
 
 
 def _timed(fn):
-    started = time.perf_counter()
+    """fn's result, its wall time, and the CPU time it took here and in child processes."""
+    cpu, started = _cpu_seconds(), time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - started
+    seconds, used = time.perf_counter() - started, _cpu_seconds()
+    return out, seconds, (used[0] - cpu[0], used[1] - cpu[1])
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -56,7 +58,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
               log=print) -> dict:
     dataset = bridge.load_dataset(dataset_name, limit)
     failures: list = []
-    requests, prep_s = _timed(lambda: list(runner.build_requests(card, dataset, failures)))
+    requests, prep_s, _ = _timed(lambda: list(runner.build_requests(card, dataset, failures)))
     if failures:
         raise RuntimeError(f"{len(failures)} items could not be prepared, e.g. {failures[0].error}")
     preparer = Preparer(card, bridge.load_dataset(dataset_name, limit), prep_workers)   # forks before the engine
@@ -82,11 +84,9 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
             f"median of {repeat} interleaved rounds")
         for _ in range(repeat):   # interleaved, so drift in machine load hits every mode alike
             for name, fn in runs.items():
-                before = _cpu_seconds()
-                out, seconds = _timed(fn)
-                after = _cpu_seconds()
+                out, seconds, used = _timed(fn)
                 times[name].append(seconds)
-                cpu[name].append((after[0] - before[0], after[1] - before[1]))
+                cpu[name].append(used)
                 outputs[name].append(_texts(out))
                 if name == "vlm_batch":
                     details = engine_stats(eng)
