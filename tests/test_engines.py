@@ -135,7 +135,8 @@ def test_vllm_bench_turns_off_caches_only_repeats_would_hit(tmp_path):
     assert all(report["same_predictions"].values()) and report["warnings"] == []
     assert report["mean_output_tokens"] >= 1
     batched = report["ms_per_item"]["vlm_batch"]
-    assert batched["child_processes"] > 0 and batched["this_process"] > 0   # the model runs in the engine core
+    # The model runs in the engine core: that child, not this process, does most of the batched work.
+    assert batched["child_processes"] > batched["this_process"] > 0
 
 
 def test_bench_warns_when_batches_were_split_or_retried():
