@@ -104,7 +104,7 @@ def test_bad_rows_fail_alone_through_transformers(tiny_card, bad_dataset, tmp_pa
     assert f"failed {len(BAD)}" in result.output
     scored = CliRunner().invoke(cli, ["eval", "--dataset", bad_dataset, "--work-dir", str(tmp_path),
                                       "--mode", "eval"])
-    assert scored.exit_code == 1 and "evaluation failed (TypeError" in scored.output
+    assert scored.exit_code == 1 and f"evaluation of {bad_dataset} failed (TypeError" in scored.output
     strict = CliRunner().invoke(cli, ["eval", "--dataset", bad_dataset, "--engine", "hf", "--work-dir",
                                       str(tmp_path / "strict"), "--strict", "--mode", "infer"])
     assert strict.exit_code == 1

@@ -152,7 +152,7 @@ def test_journals_of_every_rank_count_when_resuming(tmp_path, tiny_card):
         j = Journal(path, {"model": tiny_card.name, "dataset": "Set"})
         j.append(Result(index=index, text=f"from rank {rank}"))
         j.close()
-    answers, _ = runner.load_progress(str(tmp_path), tiny_card, "Set")   # a single process resumes both
+    answers, _ = runner.load_progress(str(tmp_path), tiny_card.name, "Set")   # a single process resumes both
     assert answers == {10: "from rank 0", 11: "from rank 1"}
 
 

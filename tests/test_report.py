@@ -38,8 +38,8 @@ def test_progress_on_a_terminal_and_silence_in_a_pipe(tmp_path):
     proc.wait(timeout=600)
     shown = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 0, shown[-2000:]
-    for phase in ("prepare", "generate"):
-        assert f"{phase}: 100%" in shown, shown[-3000:]
+    for shown_bar in ("suite (tiny-qwen2-vl)", "VLMBatchShapes"):   # the whole suite, the dataset now answering
+        assert f"{shown_bar}: 100%" in shown, shown[-3000:]
     assert "item/s" in shown and "<00:00" in shown          # speed and ETA
     assert "batches 1, fill" in shown                        # --verbose: batch statistics
 
@@ -60,5 +60,14 @@ def test_run_report_beside_the_predictions(tmp_path):
     assert report["items_per_s"] > 0 and report["tokens_per_s"] > 0 and 0 < report["batch_fill"] <= 1
     assert report["splits"] == 0 and report["fallbacks"] == 0
     assert report["score"][0]["split"] == "dev" and 0 <= report["score"][0]["Overall"] <= 1
+    # the phases of the run add up to its wall time, and the run measured from outside is not longer
+    assert abs(sum(report["phases_s"].values()) - report["wall_s"]) < 0.05, report["phases_s"]
+    assert {"imports", "engine_start", "dataset_load", "first_item", "generation", "shutdown"} <= set(
+        report["phases_s"]), report["phases_s"]
     again = subprocess.run(_eval(tmp_path), capture_output=True, text=True, timeout=600)
-    assert json.loads(path.read_text())["resumed"] == 24, again.stderr[-2000:]
+    assert again.returncode == 0 and "finished by an earlier run" in again.stdout, again.stderr[-2000:]
+    assert json.loads(path.read_text()) == report   # reused as VLMEvalKit reuses it: nothing rewritten
+    forced = subprocess.run(_eval(tmp_path, "--rerun"), capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    redone = json.loads(path.read_text())
+    assert (redone["generated"], redone["resumed"]) == (24, 0) and redone["score"] == report["score"]

@@ -53,7 +53,7 @@ def test_failed_items_are_journaled_but_retried(tmp_path, tiny_card):
     j.append(Result(index=1, text="B"))
     j.append(Result.failed(2, "out of memory"))
     j.close()
-    answers, records = runner.load_progress(str(tmp_path), tiny_card, "Set")
+    answers, records = runner.load_progress(str(tmp_path), tiny_card.name, "Set")
     assert answers == {1: "B"} and set(records) == {1, 2}
 
 

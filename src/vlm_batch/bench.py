@@ -13,10 +13,10 @@ import platform
 import statistics
 import time
 
-from . import runner
 from . import vlmeval_bridge as bridge
 from .engines import engine_stats, load_engine
-from .prefetch import Preparer
+from .placement import generate
+from .prepare import Preparer, build_requests, rows_of
 
 
 # Every round sends the same items again. An evaluation sees each item once, so caches that only a
@@ -58,10 +58,11 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
               log=print) -> dict:
     dataset = bridge.load_dataset(dataset_name, limit)
     failures: list = []
-    requests, prep_s, _ = _timed(lambda: list(runner.build_requests(card, dataset, failures)))
+    requests, prep_s, _ = _timed(lambda: list(build_requests(card, dataset, failures)))
     if failures:
         raise RuntimeError(f"{len(failures)} items could not be prepared, e.g. {failures[0].error}")
-    preparer = Preparer(card, bridge.load_dataset(dataset_name, limit), prep_workers)   # forks before the engine
+    fresh = bridge.load_dataset(dataset_name, limit)
+    preparer = Preparer(card, {fresh.dataset_name: fresh}, prep_workers)   # forks before the engine
     options = dict(engine_options or {})
     if engine == "vllm":
         options = {**NO_REPEAT_CACHES, **options}
@@ -71,7 +72,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "one_at_a_time": lambda: [r for q in requests for r in eng.run_batch([q])],
         f"fixed_{fixed}": lambda: [r for c in chunks for r in eng.run_batch(c)],
         "vlm_batch": lambda: list(eng.generate(requests)),
-        "pipeline": lambda: list(runner.generate(card, eng, preparer.requests(failures))),
+        "pipeline": lambda: list(generate(card, eng, preparer.requests(failures, rows_of(fresh)))),
     }
     times: dict = {k: [] for k in runs}
     cpu: dict = {k: [] for k in runs}

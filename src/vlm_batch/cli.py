@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -41,6 +42,29 @@ def _resolve_model(name: str | None):
     return demos[0]
 
 
+class Names(click.Option):
+    """An option that takes every word after it up to the next option, as run.py's `--data D1 D2`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("multiple", True)
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None:
+                continue
+            take = option.process
+
+            def process(value, state, take=take):
+                take(value, state)
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    take(state.rargs.pop(0), state)
+
+            option.process = process
+
+
 @click.group()
 @click.version_option(__version__, prog_name="vlm-batch")
 def cli():
@@ -48,12 +72,19 @@ def cli():
 
 
 @cli.command(name="eval")
-@click.option("--model", "model_name", help="VLMEvalKit model name; default: the embedded demo model.")
-@click.option("--dataset", "dataset_name", default=SAMPLE_DATASET, show_default=True,
-              help="VLMEvalKit dataset name, or a $LMUData/<name>.tsv file's name.")
+@click.option("--model", "models", cls=Names, metavar="NAME [NAME ...]",
+              help="VLMEvalKit model names, one engine each, one after another; default: the embedded demo model.")
+@click.option("--dataset", "--data", "datasets", cls=Names, metavar="NAME [NAME ...]",
+              help=f"VLMEvalKit dataset names, or $LMUData/<name>.tsv files' names; default: {SAMPLE_DATASET}.")
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help="A VLMEvalKit-style JSON of models (with overrides) and datasets, instead of --model/--dataset.")
 @click.option("--work-dir", default="./outputs", show_default=True,
-              help="Predictions go to WORK_DIR/MODEL/MODEL_DATASET.xlsx, as in VLMEvalKit.")
+              help="Predictions go to WORK_DIR/MODEL/MODEL_DATASET.xlsx, as in VLMEvalKit; the suite's "
+                   "summary to WORK_DIR/summary.csv.")
 @click.option("--mode", type=click.Choice(["all", "infer", "eval"]), default="all", show_default=True)
+@click.option("--rerun", is_flag=True, help="Generate again, even for datasets an earlier run finished.")
+@click.option("--wait", "wait", is_flag=True,
+              help="If another run holds a model and dataset of this one, wait for it instead of refusing.")
 @click.option("--judge", default="exact_matching", show_default=True,
               help="VLMEvalKit judge; exact_matching scores offline.")
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
@@ -62,7 +93,7 @@ def cli():
               help="Sequences the engine runs at once (vLLM's max_num_seqs); default: the engine's own.")
 @click.option("--max-batch-memory", help="Memory a transformers batch may use, e.g. 20GiB; default: "
               "from free device memory.")
-@click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows of each dataset.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship their own code.")
 @click.option("--nproc", default=4, show_default=True, help="Judge processes.")
 @click.option("--prep-workers", type=click.IntRange(min=0), default=0, show_default=True,
@@ -78,21 +109,26 @@ def cli():
               help="Engine replicas with --ray.")
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0),
               help="GPUs each replica holds with --ray; default: --tp on GPU machines, 0 otherwise.")
-@click.option("-v", "--verbose", is_flag=True, help="Engine logs and batch statistics.")
-def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vllm, batch_size,
+@click.option("-v", "--verbose", is_flag=True, help="Engine logs, batch statistics and phase times.")
+def eval_command(models, datasets, config, work_dir, mode, rerun, wait, judge, engine, use_vllm, batch_size,
                  max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, tp, use_ray,
                  ray_address, replicas, gpus_per_replica, verbose):
-    """Evaluate a model on a dataset; with no options, the embedded demo on the sample set.
+    """Evaluate models on datasets; with no options, the embedded demo on the sample set.
 
-    Under torchrun (RANK and WORLD_SIZE set) each rank answers its share of the rows on its own
-    GPUs and rank 0 merges and scores, as VLMEvalKit's run.py does.
+    `--model A B --dataset X Y Z` runs each model over every dataset through one engine, scoring each
+    dataset while the next one generates. Under torchrun (RANK and WORLD_SIZE set) each rank answers
+    its share of the rows on its own GPUs and rank 0 merges and scores, as VLMEvalKit's run.py does.
     """
     _setup_logging(verbose)
     quiet_when_piped()
-    card = _resolve_model(model_name)
     from .engines import EngineError
+    from .executor import Settings
+    from .plan import PlanError, from_config, from_names
+    from .plugins import get_models
+    from .prepare import PluginError
     from .ranks import RankError
-    from .runner import PluginError, run_eval
+    from .state import Locked
+    from .suite import check_engines, run_suite
     from .vlmeval_bridge import DatasetError
 
     if use_vllm:
@@ -115,26 +151,60 @@ def eval_command(model_name, dataset_name, work_dir, mode, judge, engine, use_vl
         except ValueError as exc:
             _fail(str(exc))
     try:
-        summary = run_eval(card, dataset_name, work_dir=work_dir, mode=mode, judge=judge, engine=engine,
-                           limit=limit, engine_options=options, nproc=nproc, prep_workers=prep_workers,
-                           tp=tp, ray=ray)
-    except (DatasetError, EngineError, PluginError, RankError) as exc:   # RayRunError is an EngineError
+        if config:
+            if models or datasets:
+                _fail("--config names the models and datasets; leave out --model and --dataset")
+            plan = from_config(config, engine=engine)
+        else:
+            demo = next((c for c in get_models().values() if c.demo), None)
+            plan = from_names(list(models), list(datasets) or [SAMPLE_DATASET], engine=engine, demo=demo)
+        check_engines(plan, options, mode, tp)
+    except (PlanError, DatasetError) as exc:
+        _fail(str(exc))
+    from .progress import SuiteProgress, interactive
+
+    progress = SuiteProgress() if interactive() else None
+    settings = Settings(work_dir=work_dir, mode=mode, judge=judge, nproc=nproc, prep_workers=prep_workers,
+                        rerun=rerun, wait=wait, verbose=verbose)
+    try:
+        result = run_suite(plan, settings, options=options, limit=limit, tp=tp, ray=ray, started=_STARTED.get("at"),
+                           progress=progress)
+    except (DatasetError, EngineError, PluginError, RankError, Locked, PlanError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         click.echo("\nInterrupted: every finished item is saved; rerun the same command to resume.", err=True)
         sys.exit(130)
-    _report(summary, verbose)
-    if summary.eval_error:
-        click.echo(f"Error: evaluation failed ({summary.eval_error}); the predictions are kept in "
-                   f"{summary.prediction_file}", err=True)
-        sys.exit(1)
-    if strict and summary.failed:
-        sys.exit(1)
+    finally:
+        if progress is not None:
+            progress.close()
+    ran = [s for s in result.summaries if not s.error]
+    for summary in ran:
+        _report(summary, verbose)
+    if len(result.summaries) > 1:
+        from .report import table
+
+        click.echo("\n" + table(result.summaries))
+        click.echo(f"summary: {os.path.join(work_dir, 'summary.csv')}")
+    status = 0
+    for model in result.failed_models:
+        click.echo(f"Error: {model['model']}: {model['error']}", err=True)
+        status = 2 if not ran else 1
+    for summary in ran:
+        if summary.eval_error:
+            click.echo(f"Error: evaluation of {summary.dataset} failed ({summary.eval_error}); the predictions "
+                       f"are kept in {summary.prediction_file}", err=True)
+            status = status or 1
+    if strict and any(s.failed for s in ran):
+        status = status or 1
+    if status:
+        sys.exit(status)
 
 
 def _report(summary, verbose: bool = False) -> None:
     click.echo(f"model {summary.model} | dataset {summary.dataset} | engine {summary.engine or '-'}")
-    if summary.engine or summary.resumed:
+    if summary.skipped:
+        click.echo(f"items {summary.items}: finished by an earlier run (pass --rerun to run it again)")
+    elif summary.engine or summary.resumed:
         click.echo(f"items {summary.items}: generated {summary.generated}, resumed {summary.resumed}, "
                    f"failed {len(summary.failed)}; generation {summary.infer_s:.1f}s "
                    f"({summary.items_per_s:.1f} items/s)" + (f"; engine restarts {summary.restarts}"
@@ -153,6 +223,8 @@ def _report(summary, verbose: bool = False) -> None:
         click.echo("score:")
         click.echo(summary.score.to_string(index=False) if hasattr(summary.score, "to_string")
                    else str(summary.score))
+    if verbose and summary.phases_s:
+        click.echo("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary.phases_s.items()))
     click.echo(f"wall time {summary.wall_s:.1f}s")
 
 
@@ -225,5 +297,35 @@ def plugins():
         click.echo(f"{p['name']} ({p['distribution'] or 'in-process'}{version}): {', '.join(p['hooks'])}")
 
 
+_STARTED: dict = {}   # when this process began, for the run's phase times (set by `main`)
+
+
 def main():
-    cli()
+    """The console script: runs the command, then leaves without the interpreter's slow teardown.
+
+    Every file is written and synced before a command returns, and engines and servers are closed;
+    what is left is garbage collection of the heavy libraries, seconds of it, which nothing needs.
+    """
+    from .timeline import process_start
+
+    _STARTED["at"] = process_start()
+    code = 0
+    try:
+        cli(standalone_mode=False)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        code = 1
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

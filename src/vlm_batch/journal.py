@@ -15,22 +15,14 @@ import time
 import zlib
 from pathlib import Path
 
+from .request import item_key as key   # the journal's spelling of an index
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 SYNC_EVERY = 16          # records
 SYNC_SECONDS = 1.0
 STALL_ENV = "VLM_BATCH_TEST_STALL_JOURNAL"   # fault injection for tests: stall inside record N
-
-
-def key(index) -> int | str:
-    """One spelling for an item's index, whether it came from pandas, JSON or a pickle."""
-    if hasattr(index, "__index__"):          # int, numpy integers
-        return int(index)
-    if isinstance(index, float) and index.is_integer():
-        return int(index)
-    text = str(index).strip()
-    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def _line(record: dict) -> bytes:

@@ -88,7 +88,7 @@ class BatchProcessor:
             return self._call(batch)
         except Exception as exc:
             if len(batch) == 1:
-                return [Result.failed(batch[0].index, exc)]
+                return [Result.failed(batch[0].index, exc, batch[0].dataset)]
             if is_oom(exc):
                 self.metrics.splits += 1
                 half = len(batch) // 2
@@ -101,5 +101,5 @@ class BatchProcessor:
             return self._call([item])[0]
         except Exception as exc:
             if is_oom(exc):
-                return Result.failed(item.index, f"out of memory even alone: {type(exc).__name__}: {exc}")
-            return Result.failed(item.index, exc)
+                return Result.failed(item.index, f"out of memory even alone: {type(exc).__name__}: {exc}", item.dataset)
+            return Result.failed(item.index, exc, item.dataset)

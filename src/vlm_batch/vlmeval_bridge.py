@@ -48,20 +48,47 @@ def _quiet_import():
             logging.disable(previous)
 
 
-def load_dataset(name: str, limit: int | None = None):
-    """VLMEvalKit's dataset object for `name`, offline from `$LMUData/<name>.tsv` when present."""
-    if name == sample_data.NAME:
-        sample_data.ensure()
+class UnknownDataset(DatasetError):
+    pass
+
+
+def unknown_datasets_message(names: list[str]) -> str:
+    examples = ", ".join(["MMBench_DEV_EN", "MME", "AI2D_TEST", "POPE", sample_data.NAME])
+    root = sample_data.lmudata_root()
+    quoted = ", ".join(f"'{n}'" for n in names)
+    files = ", ".join(str(root / f"{n}.tsv") for n in names)
+    return (f"Unknown dataset{'s' if len(names) > 1 else ''} {quoted}: not one of VLMEvalKit's datasets "
+            f"(e.g. {examples}) and no file {files}")
+
+
+def check_dataset(name: str, kind: str | None = None) -> None:
+    """Before any model loads: the name exists, and a local TSV has what its rows need.
+
+    A local TSV is checked without importing VLMEvalKit; only a name with no file here needs
+    VLMEvalKit's list of datasets.
+    """
+    if sample_data.is_sample(name):
+        return
+    tsv = sample_data.lmudata_root() / f"{name}.tsv"
+    if tsv.exists():
+        check_columns(name, tsv)
+        return
     _quiet_import()
-    from vlmeval.dataset import SUPPORTED_DATASETS, build_dataset
+    from vlmeval.dataset import SUPPORTED_DATASETS
+
+    if name not in SUPPORTED_DATASETS:
+        raise UnknownDataset(unknown_datasets_message([name]))
+
+
+def load_dataset(name: str, limit: int | None = None, kind: str | None = None):
+    """VLMEvalKit's dataset object for `name`, offline from `$LMUData/<name>.tsv` when present."""
+    check_dataset(name, kind)
+    if sample_data.is_sample(name):
+        sample_data.ensure(name)
+    _quiet_import()
+    from vlmeval.dataset import build_dataset
 
     tsv = sample_data.lmudata_root() / f"{name}.tsv"
-    check_columns(name, tsv)
-    if name not in SUPPORTED_DATASETS and not tsv.exists():
-        examples = ", ".join(["MMBench_DEV_EN", "MME", "AI2D_TEST", "POPE", sample_data.NAME])
-        raise DatasetError(
-            f"Unknown dataset '{name}': not one of VLMEvalKit's {len(SUPPORTED_DATASETS)} datasets "
-            f"(e.g. {examples}) and no file {tsv}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -241,14 +268,22 @@ def previous_predictions(work_dir: str, model_name: str, dataset_name: str) -> d
 
 
 def prediction_file(work_dir: str, model_name: str, dataset_name: str) -> str:
-    """Where VLMEvalKit's run.py puts predictions: `{work_dir}/{model}/{model}_{dataset}.xlsx`."""
-    from vlmeval.smp import get_pred_file_path
+    """Where VLMEvalKit's run.py puts predictions: `{work_dir}/{model}/{model}_{dataset}.xlsx`, or
+    the format `PRED_FORMAT` names. VLMEvalKit's `get_pred_file_path`, without importing VLMEvalKit
+    (a rerun decides what is finished before anything heavy loads; a test checks both agree)."""
+    fmt = os.environ.get("PRED_FORMAT", "").lower() or "xlsx"
+    if fmt not in ("xlsx", "tsv", "json"):
+        raise DatasetError(f"PRED_FORMAT={fmt} is not one VLMEvalKit writes (xlsx, tsv or json)")
+    return osp.join(work_dir, model_name, f"{model_name}_{dataset_name}.{fmt}")
 
-    return get_pred_file_path(osp.join(work_dir, model_name), model_name, dataset_name, use_env_format=True)
 
+def write_predictions(dataset, predictions: dict, path: str) -> bool:
+    """The dataset's columns minus `image`, plus `prediction`, as `infer_data_job` writes them.
 
-def write_predictions(dataset, predictions: dict, path: str) -> str:
-    """The dataset's columns minus `image`, plus `prediction`, as `infer_data_job` writes them."""
+    Returns whether the predictions differ from the file already there. When they do, VLMEvalKit's
+    intermediate scoring files of the old predictions (`_auxmatch`, `_result`, judge caches, ...) are
+    removed: its `evaluate` reuses them when present and would score the old answers.
+    """
     from vlmeval.smp import dump
 
     from .journal import key
@@ -261,12 +296,46 @@ def write_predictions(dataset, predictions: dict, path: str) -> str:
     data["prediction"] = [str(predictions[key(i)]) for i in data["index"]]
     if "image" in data:
         data.pop("image")
+    changed = _predictions_differ(path, data)
     os.makedirs(osp.dirname(path), exist_ok=True)
     stem, suffix = osp.splitext(path)
     tmp = f"{stem}.partial{suffix}"   # same format, then an atomic rename: never half a file
     dump(data, tmp)
+    with open(tmp, "rb") as fh:       # on disk before we go on: the process may exit without cleanup
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
-    return path
+    if changed:
+        drop_scoring_files(path)
+    return changed
+
+
+def _predictions_differ(path: str, data) -> bool:
+    if not osp.exists(path):
+        return True
+    from vlmeval.smp import load
+
+    from .journal import key
+
+    try:
+        old = load(path)
+        before = {key(i): str(p) for i, p in zip(old["index"], old["prediction"])}
+    except Exception:
+        return True
+    return before != {key(i): p for i, p in zip(data["index"], data["prediction"])}
+
+
+def drop_scoring_files(path: str) -> list[str]:
+    """VLMEvalKit's files derived from this prediction file (it names them `{model}_{dataset}_*`)."""
+    from vlmeval.smp.file import fetch_aux_files
+
+    keep = {osp.abspath(path)}
+    gone = []
+    for aux in fetch_aux_files(path):
+        if osp.abspath(aux) in keep or aux.endswith("_run.json") or not osp.isfile(aux):
+            continue
+        os.remove(aux)
+        gone.append(aux)
+    return gone
 
 
 def evaluate(dataset, path: str, judge: str = DEFAULT_JUDGE, nproc: int = 4):

@@ -38,6 +38,19 @@ def load_engine(name: str, card, **options):
         return HFEngine(card, **options)
 
 
+def preload(name: str, verbose: bool = False) -> bool:
+    """The engine library's imports, here and now; True when its engine runs in a process of its own."""
+    if name == "vllm":
+        from .vllm import preload as load
+
+        load(verbose)
+        return True
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    return False
+
+
 def on_gpu() -> bool:
     import torch
 
@@ -53,7 +66,8 @@ def engine_stats(engine) -> dict:
         out["window"] = {"size": engine.window, "max_num_seqs": engine.max_num_seqs, "steps": window.steps,
                          "min_in_flight_while_pending": window.min_in_flight_with_pending,
                          "mean_in_flight": round(window.in_flight_sum / max(window.steps, 1), 1),
-                         "rejected": window.rejected}
+                         "rejected": window.rejected, "boundary_steps": window.boundary_steps,
+                         "min_in_flight_at_boundary": window.min_in_flight_at_boundary}
     last = getattr(engine, "last", None)
     if last:
         collector, metrics = last

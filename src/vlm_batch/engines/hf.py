@@ -111,7 +111,7 @@ class HFEngine:
             ids = ids[:request.max_new_tokens]
             end = next((i for i, t in enumerate(ids) if t in self.eos), None)
             kept = ids if end is None else ids[:end + 1]
-            results.append(Result(index=request.index,
+            results.append(Result(index=request.index, dataset=request.dataset,
                                   text=self.tokenizer.decode(kept, skip_special_tokens=True),
                                   prompt_tokens=int(mask.sum()), output_tokens=len(kept)))
         return results

@@ -12,7 +12,8 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 
 from ..request import Result
 from . import EngineError, on_gpu
@@ -28,8 +29,14 @@ QUIET_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 def prepare_env(verbose: bool = False) -> None:
     """Environment vLLM reads at import: CPU settings off-GPU, caches under ours, quiet logs."""
+    import sys
+
     from ..tiny import cache_dir
 
+    # We stop the engine process with SIGKILL (see close); the semaphores it held are then freed by
+    # multiprocessing's resource tracker, which says so at exit. That is cleanup, not a leak.
+    if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
+        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
@@ -38,6 +45,14 @@ def prepare_env(verbose: bool = False) -> None:
         for key, value in CPU_ENV.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+def preload(verbose: bool = False) -> None:
+    """vLLM's heavy imports, in the calling thread: an engine then started in another thread spawns
+    its process at once, instead of waiting on import locks other threads hold."""
+    prepare_env(verbose)
+    from vllm import LLM, SamplingParams   # noqa: F401
+    import vllm.v1.engine.core   # noqa: F401
 
 
 def _one_engine_process(args: dict) -> None:
@@ -78,10 +93,15 @@ class WindowStats:
     max_in_flight: int = 0
     in_flight_sum: int = 0
     rejected: int = 0                # requests vLLM refused at submission (bad item, too long)
-    history: list = field(default_factory=list, repr=False)
+    boundary_steps: int = 0          # steps whose running set held rows of two datasets or more
+    min_in_flight_at_boundary: int | None = None
 
-    def record(self, in_flight: int, pending: bool) -> None:
+    def record(self, in_flight: int, pending: bool, datasets: int = 1) -> None:
         self.steps += 1
+        if datasets > 1:
+            self.boundary_steps += 1
+            if self.min_in_flight_at_boundary is None or in_flight < self.min_in_flight_at_boundary:
+                self.min_in_flight_at_boundary = in_flight
         self.in_flight_sum += in_flight
         self.max_in_flight = max(self.max_in_flight, in_flight)
         if pending:
@@ -182,6 +202,7 @@ class VLLMEngine:
         engine = self.llm.llm_engine
         stats = self.stats = WindowStats()   # per call, so a caller reads this run's window alone
         in_flight: dict[str, object] = {}
+        datasets: Counter = Counter()   # requests in flight per dataset: a suite's boundaries show here
         source = iter(requests)
         pending = True
         while True:
@@ -193,20 +214,24 @@ class VLLMEngine:
                 for request in group:
                     try:
                         in_flight[self._submit(request)] = request
+                        datasets[request.dataset] += 1
                     except EngineDeadError:
                         raise
                     except Exception as exc:  # vLLM validates per request: too long, bad image, ...
                         stats.rejected += 1
-                        yield Result.failed(request.index, exc)
+                        yield Result.failed(request.index, exc, request.dataset)
             if not in_flight:
                 return
-            stats.record(len(in_flight), pending)
+            stats.record(len(in_flight), pending, len(datasets))
             for out in engine.step():
                 if not out.finished:
                     continue
                 request = in_flight.pop(out.request_id)
+                datasets[request.dataset] -= 1
+                if not datasets[request.dataset]:
+                    del datasets[request.dataset]
                 completion = out.outputs[0]
-                yield Result(index=request.index, text=completion.text,
+                yield Result(index=request.index, dataset=request.dataset, text=completion.text,
                              prompt_tokens=len(out.prompt_token_ids or ()),
                              output_tokens=len(completion.token_ids))
 
@@ -216,9 +241,23 @@ class VLLMEngine:
         return [by_index[r.index] for r in requests]
 
     def close(self) -> None:
+        """Stop the engine process at once: nothing in it is worth its seconds of orderly teardown
+        (every answer we keep has already reached us), and vLLM's own shutdown would wait for it."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception as exc:   # a dead engine may not shut down cleanly; nothing is left to save
-                log.debug("vLLM shutdown: %s", exc)
+        if llm is None:
+            return
+        core = llm.llm_engine.engine_core
+        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+        processes = list(getattr(manager, "processes", None) or ())
+        stopped = getattr(manager, "manager_stopped", None)
+        if stopped is not None:
+            stopped.set()   # its liveness monitor: this death is ours, not a crash
+        for proc in processes:
+            if proc.is_alive():
+                proc.kill()
+        for proc in processes:
+            proc.join(timeout=10)
+        try:
+            core.shutdown()
+        except Exception as exc:   # a dead engine may not shut down cleanly; nothing is left to save
+            log.debug("vLLM shutdown: %s", exc)

@@ -204,7 +204,8 @@ def _omnilmm_batch(engine, requests):
         row = row[:request.max_new_tokens]
         end = next((i for i, t in enumerate(row) if t in engine.eos), None)
         kept = row if end is None else row[:end + 1]
-        results.append(Result(index=request.index, text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+        results.append(Result(index=request.index, dataset=request.dataset,
+                              text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
                               prompt_tokens=int(mask.sum()), output_tokens=len(kept)))
     return results
 

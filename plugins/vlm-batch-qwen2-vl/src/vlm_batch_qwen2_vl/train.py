@@ -34,7 +34,8 @@ END = "<|im_end|>"
 
 def training_examples(n: int, seed: int) -> list[dict]:
     """`n` generated rows, each as its multiple-choice request and as a name-it request."""
-    from vlm_batch import runner, sample_data, vlmeval_bridge
+    from vlm_batch import sample_data, vlmeval_bridge
+    from vlm_batch.prepare import build_requests
     from vlm_batch.plugins import get_model
 
     card = get_model("tiny-qwen2-vl")
@@ -45,7 +46,7 @@ def training_examples(n: int, seed: int) -> list[dict]:
     sample_data.write_tsv(sample_data.lmudata_root() / f"{name}.tsv", rows)
     dataset = vlmeval_bridge.load_dataset(name)
     failures: list = []
-    requests = list(runner.build_requests(card, dataset, failures))
+    requests = list(build_requests(card, dataset, failures))
     assert not failures, failures[:3]
     by_index = {r["index"]: r for r in rows}
     out = []

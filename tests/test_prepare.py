@@ -2,7 +2,7 @@
 
 from helpers import write_dataset
 from vlm_batch import sample_data, vlmeval_bridge
-from vlm_batch.prefetch import Preparer
+from vlm_batch.prepare import Preparer, rows_of
 
 
 def test_pool_prepares_the_same_requests_in_order(tiny_card, lmudata):
@@ -11,11 +11,11 @@ def test_pool_prepares_the_same_requests_in_order(tiny_card, lmudata):
     write_dataset(lmudata, "PrefetchSet", rows)
     dataset = vlmeval_bridge.load_dataset("PrefetchSet")
     serial_failures, pooled_failures = [], []
-    with Preparer(tiny_card, dataset, workers=0) as serial:
-        expected = list(serial.requests(serial_failures))
-    with Preparer(tiny_card, dataset, workers=2) as pooled:
+    with Preparer(tiny_card, {dataset.dataset_name: dataset}, workers=0) as serial:
+        expected = list(serial.requests(serial_failures, rows_of(dataset)))
+    with Preparer(tiny_card, {dataset.dataset_name: dataset}, workers=2) as pooled:
         assert pooled.workers == 2
-        got = list(pooled.requests(pooled_failures))
+        got = list(pooled.requests(pooled_failures, rows_of(dataset)))
     assert [r.index for r in got] == [r.index for r in expected] == [i for i in range(30) if i != 7]
     assert [(r.prompt, r.prompt_tokens, r.memory) for r in got] == \
         [(r.prompt, r.prompt_tokens, r.memory) for r in expected]

@@ -1,0 +1,167 @@
+"""The suite plan: models x datasets, from the command line or a VLMEvalKit-style `--config` JSON.
+
+Every name is checked before any model loads; a bad plan fails with one line naming every bad name
+and what is available.
+
+The config is VLMEvalKit's format:
+
+    {"model": {"some-model": {"max_new_tokens": 8},
+               "short-answers": {"model": "some-model", "max_new_tokens": 4}},
+     "data": {"VLMBatchShapes": {},
+              "MyYesNo": {"class": "ImageYORNDataset", "dataset": "MyYesNo"}}}
+
+A `model` entry names a vlm-batch model (its key, or its `model` field; the key names the output
+folder) and may override its generation and engine settings. A `data` entry is a dataset name, with
+VLMEvalKit's `class` making a local TSV a dataset of that class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .models import ModelCard
+
+MODEL_KEYS = {
+    "model": "the vlm-batch model this entry runs (default: the entry's own name)",
+    "max_new_tokens": "longest answer, in tokens",
+    "max_model_len": "the engine's context length (vLLM's max_model_len)",
+    "batch_size": "sequences the engine runs at once",
+    "engine": "auto, vllm or hf",
+    "generation": "sampling settings both engines take (an object)",
+    "vllm_args": "more vLLM engine arguments (an object)",
+}
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    kind: str | None = None          # mcq | yorn | vqa, or a VLMEvalKit dataset class name
+
+
+@dataclass
+class ModelSpec:
+    card: ModelCard
+    engine: str
+    options: dict = field(default_factory=dict)   # engine options beyond the command line's
+
+
+@dataclass
+class Plan:
+    models: list[ModelSpec]
+    datasets: list[DatasetSpec]
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.datasets]
+
+
+def _unique(items: list) -> list:
+    return list(dict.fromkeys(items))
+
+
+def from_names(models: list[str], datasets: list[str], *, engine: str, kind: str | None = None,
+               demo=None) -> Plan:
+    """`--model M [M ...] --dataset D [D ...]`; no model: the embedded demo model."""
+    from .plugins import get_models
+
+    cards = get_models()
+    bad = [m for m in models if m not in cards]
+    problems = [_unknown_models(bad, cards)] if bad else []
+    if not models:
+        if demo is None:
+            problems.append("no embedded demo model is installed; pass --model (see `vlm-batch models`) "
+                            "or install a model plugin that ships one (see the README)")
+        else:
+            models = [demo.name]
+    specs = [DatasetSpec(d, kind) for d in _unique(datasets)]
+    problems += _dataset_problems(specs)
+    if problems:
+        raise PlanError("; ".join(problems))
+    return Plan([ModelSpec(cards[m], engine) for m in _unique(models)], specs)
+
+
+def from_config(path: str, *, engine: str) -> Plan:
+    from .plugins import get_models
+
+    try:
+        with open(path) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"could not read the config {path}: {exc}") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not isinstance(
+            config.get("data"), dict):
+        raise PlanError(f"{path}: a config is an object with a 'model' and a 'data' object, as VLMEvalKit's")
+    cards = get_models()
+    problems, models, bad = [], [], []
+    for key, entry in config["model"].items():
+        entry = entry if isinstance(entry, dict) else {}
+        unknown = sorted(set(entry) - set(MODEL_KEYS))
+        if unknown:
+            problems.append(f"model '{key}': unknown setting(s) {', '.join(unknown)} (a vlm-batch model is named, "
+                            f"not built from a class; settings: {', '.join(MODEL_KEYS)})")
+            continue
+        base = entry.get("model", key)
+        if base not in cards:
+            bad.append(base)
+            continue
+        models.append(_override(cards[base], key, entry, engine))
+    if bad:
+        problems.insert(0, _unknown_models(bad, cards))
+    specs = []
+    for key, entry in config["data"].items():
+        entry = entry if isinstance(entry, dict) else {}
+        name = entry.get("dataset", key)
+        if name != key:
+            problems.append(f"data '{key}': its 'dataset' is '{name}'; use the dataset's name as the key")
+            continue
+        specs.append(DatasetSpec(name, entry.get("class")))
+    problems += _dataset_problems(specs)
+    if not models or not specs:
+        problems.append(f"{path}: the config names no {'model' if not models else 'dataset'}")
+    if problems:
+        raise PlanError("; ".join(problems))
+    return Plan(models, specs)
+
+
+def _override(card: ModelCard, name: str, entry: dict, engine: str) -> ModelSpec:
+    changes: dict = {"name": name, "vlmeval_name": card.prompt_name}
+    if "max_new_tokens" in entry:
+        changes["max_new_tokens"] = int(entry["max_new_tokens"])
+    vllm_args = dict(card.vllm_args, **entry.get("vllm_args", {}))
+    if "max_model_len" in entry:
+        vllm_args["max_model_len"] = int(entry["max_model_len"])
+    changes["vllm_args"] = vllm_args
+    if "generation" in entry:
+        changes["generation"] = dict(card.generation, **entry["generation"])
+    if name != card.name:
+        changes["demo"] = False
+    options = {"batch_size": int(entry["batch_size"])} if "batch_size" in entry else {}
+    return ModelSpec(dataclasses.replace(card, **changes), entry.get("engine", engine), options)
+
+
+def _unknown_models(bad: list[str], cards: dict) -> str:
+    known = ", ".join(sorted(cards)) or "none (install a model plugin; see the README)"
+    names = ", ".join(f"'{b}'" for b in bad)
+    return f"Unknown model{'s' if len(bad) > 1 else ''} {names}. Available: {known}"
+
+
+def _dataset_problems(specs: list[DatasetSpec]) -> list[str]:
+    from . import vlmeval_bridge as bridge
+
+    problems, unknown = [], []
+    for spec in specs:
+        try:
+            bridge.check_dataset(spec.name, spec.kind)
+        except bridge.UnknownDataset:
+            unknown.append(spec.name)
+        except bridge.DatasetError as exc:
+            problems.append(str(exc))
+    if unknown:
+        problems.insert(0, bridge.unknown_datasets_message(unknown))
+    return problems
