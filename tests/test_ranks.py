@@ -159,9 +159,14 @@ def test_journals_of_every_rank_count_when_resuming(tmp_path, tiny_card):
 # -- two real ranks ----------------------------------------------------------------------------------
 
 @pytest.mark.engine
-def test_two_ranks_merge_into_the_single_process_prediction_file(tmp_path, tiny_card):
+def test_two_ranks_merge_every_dataset_into_the_single_process_prediction_files(tmp_path, tiny_card, lmudata):
+    from helpers import shape_rows, write_dataset
+
     n = 12
-    single = runner.run_eval(tiny_card, "VLMBatchShapes", work_dir=str(tmp_path / "single"), engine="hf", limit=n)
+    second = write_dataset(lmudata, "RanksSecond", shape_rows(10, seed=61, first=700))
+    names = ["VLMBatchShapes", second]
+    singles = [runner.run_eval(tiny_card, d, work_dir=str(tmp_path / "single"), engine="hf", limit=n)
+               for d in names]
     port = _free_port()
     work = tmp_path / "ranks"
     procs = []
@@ -170,7 +175,8 @@ def test_two_ranks_merge_into_the_single_process_prediction_file(tmp_path, tiny_
                    MASTER_PORT=str(port))
         with open(tmp_path / f"out{rank}", "w") as out, open(tmp_path / f"err{rank}", "w") as err:
             procs.append(subprocess.Popen([sys.executable, "-m", "vlm_batch", "eval", "--engine", "hf", "--limit",
-                                           str(n), "--work-dir", str(work)], env=env, stdout=out, stderr=err))
+                                           str(n), "--dataset", *names, "--work-dir", str(work)],
+                                          env=env, stdout=out, stderr=err))
     try:
         for p in procs:
             p.wait(timeout=300)
@@ -178,19 +184,25 @@ def test_two_ranks_merge_into_the_single_process_prediction_file(tmp_path, tiny_
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    model_dir = work / tiny_card.name
     for rank, p in enumerate(procs):
         out, err = (tmp_path / f"out{rank}").read_text(), (tmp_path / f"err{rank}").read_text()
         assert p.returncode == 0, f"rank {rank}: {err[-3000:]}"
         # every rank prints the whole run's summary, scored once by rank 0
         assert f"items {n}: generated {n}, resumed 0, failed 0" in out, out
-        assert "Overall" in out
-        assert f"rank {rank} of 2 wrote {rank}2_VLMBatchShapes.pkl" in err, err[-2000:]
-    merged = pd.read_excel(work / tiny_card.name / f"{tiny_card.name}_VLMBatchShapes.xlsx")
-    pd.testing.assert_frame_equal(merged, pd.read_excel(single.prediction_file))
-    model_dir = work / tiny_card.name
-    # merged, then removed with the journals, as infer_data_job removes its rank files
+        assert "items 10: generated 10, resumed 0, failed 0" in out, out
+        assert out.count("Overall") == 2
+        for d in names:
+            assert f"rank {rank} of 2 wrote {rank}2_{d}.pkl" in err, err[-2000:]
+    for d, single in zip(names, singles):
+        merged = pd.read_excel(model_dir / f"{tiny_card.name}_{d}.xlsx")
+        pd.testing.assert_frame_equal(merged, pd.read_excel(single.prediction_file))
+        report = json.loads((model_dir / f"{tiny_card.name}_{d}_run.json").read_text())
+        half = len(merged) // 2
+        assert [(r["rank"], r["generated"]) for r in report["engine"]["ranks"]] == [(0, half), (1, half)]
+        assert report["generated"] == len(merged) and report["score"] == json.loads(
+            Path(single.report_file).read_text())["score"]
+    # merged, then removed with the journals and locks, as infer_data_job removes its rank files
     assert not list(model_dir.glob("[01]2_*.pkl*")) and not list((model_dir / ".vlm-batch").glob("*.journal"))
-    report = json.loads((model_dir / f"{tiny_card.name}_VLMBatchShapes_run.json").read_text())
-    assert [(r["rank"], r["generated"]) for r in report["engine"]["ranks"]] == [(0, n // 2), (1, n // 2)]
-    assert report["generated"] == n and report["score"] == json.loads(
-        Path(single.report_file).read_text())["score"]
+    assert not list((model_dir / ".vlm-batch").glob("*.lock"))
+    assert (work / "summary.csv").exists()

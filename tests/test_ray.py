@@ -82,6 +82,26 @@ def test_replicas_give_the_single_process_predictions_and_summary(ray_cluster, t
 
 
 @pytest.mark.engine
+def test_replicas_take_every_dataset_of_a_suite(ray_cluster, tiny_card, single, tmp_path, lmudata):
+    """Two datasets through one pipeline of replicas: each equals its own single-process run."""
+    from helpers import shape_rows, write_dataset
+    from vlm_batch.executor import Settings
+    from vlm_batch.plan import DatasetSpec, ModelSpec, Plan
+    from vlm_batch.suite import run_suite
+
+    second = write_dataset(lmudata, "RaySecond", shape_rows(12, seed=60, first=300))
+    alone = runner.run_eval(tiny_card, second, work_dir=str(tmp_path / "alone"), engine="hf")
+    plan = Plan([ModelSpec(tiny_card, "hf")], [DatasetSpec("VLMBatchShapes"), DatasetSpec(second)])
+    result = run_suite(plan, Settings(work_dir=str(tmp_path / "ray")), limit=N,
+                       ray=RayOptions(replicas=2, batch_rows=BATCH))
+    first, other = result.summaries
+    pd.testing.assert_frame_equal(pd.read_excel(first.prediction_file), pd.read_excel(single.prediction_file))
+    pd.testing.assert_frame_equal(pd.read_excel(other.prediction_file), pd.read_excel(alone.prediction_file))
+    assert (first.generated, other.generated) == (N, 12) and first.score.equals(single.score)
+    assert other.score.equals(alone.score)
+
+
+@pytest.mark.engine
 def test_a_killed_replica_still_ends_with_every_item_answered_once(ray_cluster, tiny_card, single, tmp_path):
     jpath = runner.journal_path(str(tmp_path), tiny_card.name, "VLMBatchShapes")
     killed = []

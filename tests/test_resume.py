@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import TRACED_CLI, read_trace, shape_rows, write_dataset
+from helpers import Run, read_trace, shape_rows, wait_for as _wait_for, write_dataset
 from vlm_batch import journal, runner, vlmeval_bridge
 from vlm_batch.request import Result
 
@@ -113,63 +113,6 @@ def test_vlm_batch_state_does_not_confuse_vlmevalkit(tmp_path, tiny_card, vlmeva
 
 
 # -- killed processes ---------------------------------------------------------------------------
-
-def _interruptible():
-    """Ctrl-C reaches the run as it does from a terminal, even when the suite itself was started in
-    the background by a shell without job control, which starts it with SIGINT ignored (inherited)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-class Run(subprocess.Popen):
-    """A traced `vlm-batch eval` subprocess whose output goes to files: a pipe nobody reads while the
-    test waits could fill up and stall the run."""
-
-    started: list = []
-
-    def __init__(self, args, trace, env_extra=None):
-        # the trained tiny model answers a few hundred items a second: slow it to a real model's pace
-        # so that the kills land mid-run
-        env = dict(os.environ, VLM_BATCH_TEST_TRACE=str(trace), VLM_BATCH_TEST_DELAY="0.02")
-        env.update(env_extra or {})
-        self.out, self.err = Path(f"{trace}.out"), Path(f"{trace}.err")
-        with self.out.open("w") as out, self.err.open("w") as err:
-            super().__init__([sys.executable, "-c", TRACED_CLI, "eval", *args], env=env, stdout=out, stderr=err,
-                             preexec_fn=_interruptible)
-        Run.started.append(self)
-
-    def communicate(self, input=None, timeout=None):
-        self.wait(timeout)
-        return self.out.read_text(), self.err.read_text()
-
-
-@pytest.fixture(autouse=True)
-def _no_run_outlives_its_test():
-    yield
-    import psutil
-
-    for proc in Run.started:
-        try:
-            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-    Run.started.clear()
-
-
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.communicate()[1][-2000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting")
-
 
 def _finished(jpath) -> set:
     return set(journal.read(jpath)[1]) if Path(jpath).exists() else set()

@@ -68,6 +68,7 @@ class Executor:
         """`datasets(name)` returns VLMEvalKit's dataset object (loaded once for every model)."""
         self.placement, self.settings, self.datasets = placement, settings, datasets
         self.progress = progress
+        self.engine_times: dict = {}     # the last model's engine: began, ready, closed
 
     # -- the line ----------------------------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class Executor:
         if not left:
             return [done[n] for n in names]
         locks = state.Locks()
+        self.engine_times = {}
         try:
             if s.mode != "eval":   # before any engine starts: a second run of the same refuses at once
                 self.placement.on_writer("locks", lambda: [locks.take(state.RunLock(s.work_dir, card.name, n),
@@ -94,6 +96,7 @@ class Executor:
             finally:
                 if start is not None:
                     start.close()
+                    self.engine_times = start.times()
         finally:
             locks.release_all()
         done.update({r.name: r.summary for r in results})
@@ -177,6 +180,7 @@ class Executor:
                             if s.verbose and bar.suite.n % 16 == 0:
                                 bar.note(brief(start.describe()[1]))
                         if not run.left:
+                            run.summary.engine, run.summary.engine_stats = start.describe()   # so far
                             finisher.submit(run)
                     if engine is None and start is not None and any(r.todo for r in runs):
                         timeline.mark("engine_start", start.ready_at)

@@ -62,6 +62,7 @@ class EngineStart:
         self.name = name if self.owned else name.name
         self.began = time.time()
         self.engine, self.error, self.ready_at = (None if self.owned else name), None, None
+        self.closed_at = None
         self._abandoned = False
         self._load = load or engines.load_engine
         if not self.owned:
@@ -85,8 +86,12 @@ class EngineStart:
     def _run(self) -> None:
         try:
             self.engine = self._load(self.name, self.card, **self.options)
-        except BaseException as exc:   # handed to whoever waits for the engine
+        except (EngineError, KeyboardInterrupt, SystemExit) as exc:   # handed to whoever waits for it
             self.error = exc
+        except BaseException as exc:   # vLLM's or transformers' own error: this model cannot run
+            error = EngineError(f"the {self.name} engine could not start: {_first_line(exc)}")
+            error.__cause__ = exc
+            self.error = error
         finally:
             self.ready_at = time.time()
             if self._abandoned and self.engine is not None:
@@ -121,6 +126,12 @@ class EngineStart:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.close()
+            self.closed_at = time.time()
+
+    def times(self) -> dict:
+        """When the engine began starting, was up and was closed (epoch seconds), for the suite report."""
+        return {"began_at": self.began, "ready_at": self.ready_at, "closed_at": self.closed_at,
+                "start_s": round(self.start_s, 3) if self.ready_at else None}
 
     def restart(self) -> None:
         self.close()
@@ -217,6 +228,11 @@ class Local:
 
     def outcome(self, summaries: list) -> list:
         return summaries
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _chain(first, rest):

@@ -233,6 +233,9 @@ class _Replicas:
     def close(self) -> None:
         pass
 
+    def times(self) -> dict:
+        return {"began_at": self.began, "ready_at": self.ready_at, "closed_at": None, "start_s": None}
+
 
 class _Datasets:
     """What the executor hands a local preparer; the rows are prepared by Ray tasks instead."""

@@ -119,7 +119,7 @@ def run_suite(plan: Plan, settings: Settings, *, options: dict | None = None, li
             finally:
                 gc.collect()
                 _return_memory()
-            model.update(phases_s=timeline.rounded(), wall_s=round(timeline.wall, 3),
+            model.update(engine_times=executor.engine_times, phases_s=timeline.rounded(), wall_s=round(timeline.wall, 3),
                          rss_after_close_mb=_rss_mb(), engine=next((s.engine for s in summaries if s.engine), None))
             for s in summaries:
                 if not s.skipped and not s.error:
