@@ -44,6 +44,7 @@ class DatasetRun:
     left: int = 0
     first_at: float | None = None
     last_at: float | None = None
+    share_from: float | None = None    # its share of the stream began: when the dataset before it finished
     finished: Future | None = None
 
     @property
@@ -160,6 +161,8 @@ class Executor:
             with self.placement.preparer(card, {r.name: r.dataset for r in runs}, s.prep_workers) as preparer:
                 stream = self.placement.answer(card, start, preparer, work, on_restart=restarted)
                 engine, began = None, time.time()
+                share_from = None   # rows of several datasets share the engine: each is given the stretch
+                #                     from the previous dataset's end to its own, which add up to the whole
                 try:
                     for result in stream:
                         if engine is None:
@@ -180,6 +183,7 @@ class Executor:
                             if s.verbose and bar.suite.n % 16 == 0:
                                 bar.note(brief(start.describe()[1]))
                         if not run.left:
+                            run.share_from, share_from = share_from or run.first_at, now
                             run.summary.engine, run.summary.engine_stats = start.describe()   # so far
                             finisher.submit(run)
                     if engine is None and start is not None and any(r.todo for r in runs):
@@ -244,7 +248,7 @@ class Finisher:
         summary.output_tokens = sum(r.output_tokens for r in fresh)
         summary.failed = {i: r.error for i, r in run.results.items() if not r.ok}
         if run.first_at is not None:
-            summary.infer_s = run.last_at - run.first_at
+            summary.infer_s = run.last_at - (run.share_from or run.first_at)
         if infer:
             answers = placement.gather(run)
             t1 = time.time()
