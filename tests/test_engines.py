@@ -134,6 +134,10 @@ def test_vllm_bench_turns_off_caches_only_repeats_would_hit(tmp_path):
     assert report["caches_off"] == ["enable_prefix_caching", "mm_processor_cache_gb"]
     assert all(report["same_predictions"].values()) and report["warnings"] == []
     assert report["mean_output_tokens"] >= 1
+    # VLMEvalKit's own loop (its Qwen2VLChat on its own vLLM engine) answered the same items alike
+    assert "vlmeval_loop" in report["items_per_s"] and report["same_predictions"]["vlmeval_loop"]
+    assert set(report["items_per_s_first_round"]) == set(report["items_per_s"])
+    assert "VLMEvalKit" in report["modes"]["vlmeval_loop"] and "VLMEvalKit" not in report["modes"]["one_at_a_time"]
     batched = report["ms_per_item"]["vlm_batch"]
     # The model runs in the engine core: that child, not this process, does most of the batched work.
     assert batched["child_processes"] > batched["this_process"] > 0

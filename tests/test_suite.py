@@ -189,7 +189,9 @@ def test_second_run_refuses_a_killed_suite_resumes_without_regenerating(tiny_car
     assert err.strip().splitlines()[-1].startswith("Error: ") and f"PID {first.pid}" in err
     assert read_trace(tmp_path / "trace1") == []
 
-    wait_for(lambda: len(_journaled(jb)) >= 8, first)   # kill -9 in the middle of the second dataset
+    a_report = Path(str(bridge.prediction_file(str(tmp_path / "w"), tiny_card.name, three[0]))[:-5] + "_run.json")
+    # kill -9 in the middle of the second dataset, the first one written and scored
+    wait_for(lambda: len(_journaled(jb)) >= 8 and a_report.exists(), first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = _journaled(jb)

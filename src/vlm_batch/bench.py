@@ -1,16 +1,25 @@
-"""`vlm-batch bench`: one engine, the same requests, three ways of feeding it, measured in one run.
+"""`vlm-batch bench`: the same items fed to the engine several ways, measured in one run.
 
-(a) one at a time, as VLMEvalKit's loop does; (b) fixed batches of 4, waiting for each, as the seed
-did; (c) vlm-batch's batching on already-prepared requests; and the whole pipeline (rows, prompts,
-images, prepare, engine) to show what preparation costs. Predictions must agree across all four.
-CPU time per item, here and in child processes (vLLM's engine core), shows which side bounds each.
+(a) our engine given one request at a time; (b) fixed batches of 4, waiting for each, as the seed
+did; (c) vlm-batch's batching on already-prepared requests; (d) the whole pipeline (rows, prompts,
+images, prepare, engine), which is what `eval` runs; and, on vLLM where VLMEvalKit has a vLLM path
+for the model, (e) VLMEvalKit's own loop: its model class on its own vLLM engine, a row at a time.
+Predictions must agree across all of them. CPU time per item, here and in child processes (vLLM's
+engine core), shows which side bounds each.
+
+Each round of the pipeline starts cold for what an evaluation does once per item: VLMEvalKit's
+image files under `$LMUData/images/NAME` are removed first, so they are decoded and written again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import platform
+import shutil
 import statistics
+import sys
 import time
 
 from . import vlmeval_bridge as bridge
@@ -18,6 +27,14 @@ from .engines import engine_stats, load_engine
 from .placement import generate
 from .prepare import Preparer, build_requests, rows_of
 
+
+LABELS = {
+    "one_at_a_time": "our engine,\none request at a time",
+    "fixed_4": "our engine,\nfixed batches of 4",
+    "vlm_batch": "vlm-batch\n(prepared requests)",
+    "pipeline": "vlm-batch\n(whole pipeline, = eval)",
+    "vlmeval_loop": "VLMEvalKit's own loop\n(its class, its vLLM)",
+}
 
 # Every round sends the same items again. An evaluation sees each item once, so caches that only a
 # repeat would hit (vLLM's processed-image cache, whole-prompt prefixes) would flatter each round
@@ -68,12 +85,21 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         options = {**NO_REPEAT_CACHES, **options}
     eng = load_engine(engine, card, **options)
     chunks = [requests[i:i + fixed] for i in range(0, len(requests), fixed)]
+
+    def pipeline():
+        shutil.rmtree(fresh.img_root, ignore_errors=True)   # cold: as an evaluation meets each item once
+        return list(generate(card, eng, preparer.requests(failures, rows_of(fresh))))
+
     runs = {
         "one_at_a_time": lambda: [r for q in requests for r in eng.run_batch([q])],
         f"fixed_{fixed}": lambda: [r for c in chunks for r in eng.run_batch(c)],
         "vlm_batch": lambda: list(eng.generate(requests)),
-        "pipeline": lambda: list(generate(card, eng, preparer.requests(failures, rows_of(fresh)))),
+        "pipeline": pipeline,
     }
+    loop = vlmeval_loop(card, bridge.load_dataset(dataset_name, limit), options) if engine == "vllm" and \
+        vlmeval_loop_possible(card) else None
+    if loop is not None:
+        runs["vlmeval_loop"] = loop
     times: dict = {k: [] for k in runs}
     cpu: dict = {k: [] for k in runs}
     tokens: list = []
@@ -96,6 +122,8 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
     finally:
         eng.close()
         preparer.close()
+        if loop is not None:
+            loop.close()
     modes = {k: statistics.median(v) for k, v in times.items()}
     per_item = {k: {"wall": 1e3 * modes[k] / len(requests),
                     "this_process": 1e3 * statistics.median(c[0] for c in v) / len(requests),
@@ -103,9 +131,11 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
                 for k, v in cpu.items()}
     for name, seconds in modes.items():
         ms = per_item[name]
-        log(f"  {name.replace('_', ' '):<16} {len(requests) / seconds:8.2f} items/s   per item: {ms['wall']:.2f} ms "
-            f"wall, CPU {ms['this_process']:.2f} ms here + {ms['child_processes']:.2f} ms in child processes")
+        log(f"  {name.replace('_', ' '):<16} {len(requests) / seconds:8.2f} items/s (first round "
+            f"{len(requests) / times[name][0]:.2f})   per item: {ms['wall']:.2f} ms wall, CPU "
+            f"{ms['this_process']:.2f} ms here + {ms['child_processes']:.2f} ms in child processes")
     rate = {k: len(requests) / v for k, v in modes.items()}
+    first = {k: round(len(requests) / v[0], 2) for k, v in times.items()}
     reference = outputs["one_at_a_time"][0]
     agree = {k: all(o == reference for o in v) for k, v in outputs.items()}
     report = {
@@ -119,11 +149,15 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "seconds": {k: round(v, 3) for k, v in modes.items()},
         "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "items_per_s": {k: round(v, 2) for k, v in rate.items()},
+        "items_per_s_first_round": first,
+        "modes": {k: LABELS[k].replace("\n", " ") for k in rate if k in LABELS},
         "ms_per_item": {k: {part: round(x, 3) for part, x in v.items()} for k, v in per_item.items()},
         "ratios": {
             "vlm_batch_vs_one_at_a_time": round(rate["vlm_batch"] / rate["one_at_a_time"], 2),
             f"vlm_batch_vs_fixed_{fixed}": round(rate["vlm_batch"] / rate[f"fixed_{fixed}"], 2),
             "pipeline_vs_bare_engine": round(rate["pipeline"] / rate["vlm_batch"], 3),
+            **({"pipeline_vs_vlmeval_loop": round(rate["pipeline"] / rate["vlmeval_loop"], 2)}
+               if "vlmeval_loop" in rate else {}),
         },
         "same_predictions": agree,
         "engine_details": details,
@@ -156,17 +190,18 @@ def write_chart(report: dict, path: str) -> None:
 
     rates = report["items_per_s"]
     names = list(rates)
-    labels = {"one_at_a_time": "one at a time\n(VLMEvalKit's loop)", "vlm_batch": "vlm-batch\n(prepared requests)",
-              "pipeline": "vlm-batch\n(whole pipeline)"}
+    labels = LABELS
     base = rates["one_at_a_time"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
-    colours = ["#9e9e9e", "#bdbdbd", "#1f77b4", "#4f9fd8"]
-    bars = ax.bar([labels.get(n, n.replace("_", " ").replace("fixed ", "fixed batches of ")) for n in names],
-                  [rates[n] for n in names], color=colours[:len(names)])
+    fig, ax = plt.subplots(figsize=(8.5, 4.4), dpi=110)
+    colours = [{"vlmeval_loop": "#d62728"}.get(n, c) for n, c in
+               zip(names, ["#9e9e9e", "#bdbdbd", "#1f77b4", "#4f9fd8", "#d62728"])]
+    bars = ax.bar([labels.get(n, n.replace("_", " ").replace("fixed ", "fixed batches of\n")) for n in names],
+                  [rates[n] for n in names], color=colours)
     for rect, name in zip(bars, names):
         ax.annotate(f"{rates[name]:.1f}/s\n{rates[name] / base:.1f}x", (rect.get_x() + rect.get_width() / 2,
                     rect.get_height()), ha="center", va="bottom", fontsize=9)
-    ax.set_ylabel("items per second")
+    ax.set_ylabel(f"items per second (x: against {labels['one_at_a_time'].replace(chr(10), ' ')})",
+                  fontsize=8)
     ax.set_ylim(0, max(rates.values()) * 1.25)
     ax.set_title(f"{report['model']} on {report['items']} items of {report['dataset']} ({report['engine']}, "
                  f"{report['machine']})", fontsize=9)
@@ -174,3 +209,86 @@ def write_chart(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def vlmeval_loop_possible(card) -> bool:
+    """VLMEvalKit has a vLLM path for this model: its class takes `use_vllm` and builds `vllm.LLM`."""
+    import inspect
+
+    entry = _vlmeval_entry(card)
+    if entry is None:
+        return False
+    cls = getattr(entry, "func", entry)
+    try:
+        return "use_vllm" in inspect.getsource(cls.__init__)
+    except (OSError, TypeError):
+        return False
+
+
+def _vlmeval_entry(card):
+    import vlmeval.config
+
+    return vlmeval.config.supported_VLM.get(card.prompt_name)
+
+
+class vlmeval_loop:
+    """VLMEvalKit's own inference, as `infer_data` runs it: its model class (use_vllm=True) builds
+    its own `vllm.LLM` (its own max_num_seqs) and is asked one row at a time, with the prompt
+    `infer_data` would choose. Off-GPU, its engine gets this machine's settings (float32, eager, one
+    process, the model's context) and its GPU check is told of a GPU: both are what let it run here.
+    """
+
+    def __init__(self, card, dataset, options: dict):
+        import vllm
+
+        from .engines.vllm import engine_args, prepare_env
+
+        prepare_env()
+        entry = _vlmeval_entry(card)
+        cls = getattr(entry, "func", entry)
+        module = sys.modules[cls.__module__]
+        ours = {k: v for k, v in engine_args(card, **{k: v for k, v in options.items()
+                                                      if k not in ("batch_size", "verbose")}).items()
+                if k not in ("model", "max_num_seqs")}
+        real = vllm.LLM
+
+        def llm(**kwargs):
+            kwargs.pop("gpu_memory_utilization", None)
+            kwargs.pop("max_model_len", None)   # VLMEvalKit asks 32768; the model's own applies
+            return real(**{**kwargs, **ours})
+
+        saved = getattr(module, "get_gpu_memory", None)
+        vllm.LLM = llm
+        if saved is not None:
+            module.get_gpu_memory = lambda: [80_000]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.model = cls(**{**getattr(entry, "keywords", {}), **card.options, "model_path": card.path(),
+                                    "use_vllm": True})
+        finally:
+            vllm.LLM = real
+            if saved is not None:
+                module.get_gpu_memory = saved
+        self.dataset, self.name = dataset, dataset.dataset_name
+        self.model.set_dump_image(dataset.dump_image)
+
+    def __call__(self):
+        from .request import Result
+
+        model, dataset, out = self.model, self.dataset, []
+        shutil.rmtree(dataset.img_root, ignore_errors=True)   # cold, as the pipeline's rounds
+        custom = hasattr(model, "use_custom_prompt") and model.use_custom_prompt(self.name)
+        with contextlib.redirect_stdout(io.StringIO()):   # it prints a line per item
+            for i in range(len(dataset.data)):
+                line = dataset.data.iloc[i]
+                struct = model.build_prompt(line, dataset=self.name) if custom else dataset.build_prompt(line)
+                out.append(Result(index=line["index"], text=model.generate(message=struct, dataset=self.name)))
+        return out
+
+    def close(self) -> None:
+        from .engines.vllm import stop
+
+        llm = getattr(self.model, "llm", None)
+        if llm is not None:
+            self.model.llm = None
+            stop(llm)

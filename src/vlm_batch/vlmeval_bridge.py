@@ -280,7 +280,8 @@ def prediction_file(work_dir: str, model_name: str, dataset_name: str) -> str:
 def write_predictions(dataset, predictions: dict, path: str) -> bool:
     """The dataset's columns minus `image`, plus `prediction`, as `infer_data_job` writes them.
 
-    Returns whether the predictions differ from the file already there. When they do, VLMEvalKit's
+    Returns whether the predictions differ from the file already there; if not, the file is left
+    untouched. When they do, VLMEvalKit's
     intermediate scoring files of the old predictions (`_auxmatch`, `_result`, judge caches, ...) are
     removed: its `evaluate` reuses them when present and would score the old answers.
     """
@@ -297,6 +298,8 @@ def write_predictions(dataset, predictions: dict, path: str) -> bool:
     if "image" in data:
         data.pop("image")
     changed = _predictions_differ(path, data)
+    if not changed:   # e.g. a rerun that resumed every answer from this file: leave it as it is
+        return False
     os.makedirs(osp.dirname(path), exist_ok=True)
     stem, suffix = osp.splitext(path)
     tmp = f"{stem}.partial{suffix}"   # same format, then an atomic rename: never half a file
@@ -304,9 +307,8 @@ def write_predictions(dataset, predictions: dict, path: str) -> bool:
     with open(tmp, "rb") as fh:       # on disk before we go on: the process may exit without cleanup
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    if changed:
-        drop_scoring_files(path)
-    return changed
+    drop_scoring_files(path)
+    return True
 
 
 def _predictions_differ(path: str, data) -> bool:

@@ -110,6 +110,21 @@ class WindowStats:
                 self.min_in_flight_with_pending = in_flight
 
 
+def engine_args(card, *, batch_size: int | None = None, trust_remote_code: bool = False, **overrides) -> dict:
+    """`vllm.LLM`'s arguments for this card on this machine (on CPU: float32, eager, one process)."""
+    args = {"model": card.path(), "seed": 0, **card.vllm_args}
+    cpu = not on_gpu()
+    if cpu:
+        args.update({"dtype": "float32", "enforce_eager": True, **card.vllm_cpu_args})
+    if batch_size:
+        args["max_num_seqs"] = batch_size
+    args["trust_remote_code"] = trust_remote_code
+    args.update(overrides)
+    if cpu:
+        _one_engine_process(args)
+    return args
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -118,18 +133,10 @@ class VLLMEngine:
         prepare_env(verbose)
         from vllm import LLM
 
-        args = {"model": card.path(), "seed": 0, **card.vllm_args}
+        args = engine_args(card, batch_size=batch_size, trust_remote_code=trust_remote_code, **overrides)
         cpu = not on_gpu()
-        if cpu:
-            args.update({"dtype": "float32", "enforce_eager": True, **card.vllm_cpu_args})
-        if batch_size:
-            args["max_num_seqs"] = batch_size
-        args["trust_remote_code"] = trust_remote_code
-        args.update(overrides)
         self.card = card
-        self.args = {k: v for k, v in args.items() if k != "model"}
-        if cpu:
-            _one_engine_process(args)
+        self.args = {k: v for k, v in args.items() if k not in ("model", "distributed_executor_backend")}
         try:
             with _engine_threads(cpu):
                 self.llm = LLM(**args)
@@ -241,23 +248,26 @@ class VLLMEngine:
         return [by_index[r.index] for r in requests]
 
     def close(self) -> None:
-        """Stop the engine process at once: nothing in it is worth its seconds of orderly teardown
-        (every answer we keep has already reached us), and vLLM's own shutdown would wait for it."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        core = llm.llm_engine.engine_core
-        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
-        processes = list(getattr(manager, "processes", None) or ())
-        stopped = getattr(manager, "manager_stopped", None)
-        if stopped is not None:
-            stopped.set()   # its liveness monitor: this death is ours, not a crash
-        for proc in processes:
-            if proc.is_alive():
-                proc.kill()
-        for proc in processes:
-            proc.join(timeout=10)
-        try:
-            core.shutdown()
-        except Exception as exc:   # a dead engine may not shut down cleanly; nothing is left to save
-            log.debug("vLLM shutdown: %s", exc)
+        if llm is not None:
+            stop(llm)
+
+
+def stop(llm) -> None:
+    """Stop a `vllm.LLM`'s engine process at once: nothing in it is worth its seconds of orderly
+    teardown (every answer we keep has already reached us), and vLLM's own shutdown would wait."""
+    core = llm.llm_engine.engine_core
+    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    processes = list(getattr(manager, "processes", None) or ())
+    stopped = getattr(manager, "manager_stopped", None)
+    if stopped is not None:
+        stopped.set()   # its liveness monitor: this death is ours, not a crash
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+    for proc in processes:
+        proc.join(timeout=10)
+    try:
+        core.shutdown()
+    except Exception as exc:   # a dead engine may not shut down cleanly; nothing is left to save
+        log.debug("vLLM shutdown: %s", exc)
