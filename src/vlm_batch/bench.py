@@ -14,6 +14,7 @@ image files under `$LMUData/images/NAME` are removed first, so they are decoded 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import platform
@@ -271,6 +272,10 @@ class vlmeval_loop:
                 module.get_gpu_memory = saved
         self.dataset, self.name = dataset, dataset.dataset_name
         self.model.set_dump_image(dataset.dump_image)
+        # Its per-call progress bar only draws; vLLM 0.32 divides by its elapsed time, which is 0 on a
+        # fast item (ZeroDivisionError), so the bar is off.
+        llm = self.model.llm
+        llm.generate = functools.partial(llm.generate, use_tqdm=False)
 
     def __call__(self):
         from .request import Result

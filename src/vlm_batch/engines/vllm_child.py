@@ -1,0 +1,5 @@
+"""Imported by the forkserver vLLM's engine processes are forked from (see `vllm._forkserver`)."""
+
+from vllm import LLM, SamplingParams   # noqa: F401
+import vllm.v1.engine.core   # noqa: F401
+import vllm.v1.executor.uniproc_executor   # noqa: F401
