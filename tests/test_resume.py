@@ -192,6 +192,8 @@ def test_vllm_engine_killed_mid_run_is_restarted(tmp_path, tiny_card, lmudata):
     cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in " ".join(
         [p.name(), *p.cmdline()])]
     assert cores, [p.name() for p in psutil.Process(proc.pid).children(recursive=True)]
+    # forked from the forkserver that imported vLLM beside the run, not spawned by the run itself
+    assert all(core.ppid() != proc.pid and "forkserver" in " ".join(core.parent().cmdline()) for core in cores)
     for core in cores:
         core.kill()
     out, err = proc.communicate(timeout=600)

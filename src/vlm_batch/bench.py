@@ -216,20 +216,13 @@ def vlmeval_loop_possible(card) -> bool:
     """VLMEvalKit has a vLLM path for this model: its class takes `use_vllm` and builds `vllm.LLM`."""
     import inspect
 
-    entry = _vlmeval_entry(card)
-    if entry is None:
+    cls = bridge._vlmeval_class(card.prompt_name)
+    if cls is None:
         return False
-    cls = getattr(entry, "func", entry)
     try:
         return "use_vllm" in inspect.getsource(cls.__init__)
     except (OSError, TypeError):
         return False
-
-
-def _vlmeval_entry(card):
-    import vlmeval.config
-
-    return vlmeval.config.supported_VLM.get(card.prompt_name)
 
 
 class vlmeval_loop:
@@ -245,7 +238,7 @@ class vlmeval_loop:
         from .engines.vllm import engine_args, prepare_env
 
         prepare_env()
-        entry = _vlmeval_entry(card)
+        entry = bridge.vlmeval_entry(card.prompt_name)
         cls = getattr(entry, "func", entry)
         module = sys.modules[cls.__module__]
         ours = {k: v for k, v in engine_args(card, **{k: v for k, v in options.items()

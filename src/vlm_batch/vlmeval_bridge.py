@@ -103,11 +103,16 @@ def load_dataset(name: str, limit: int | None = None, kind: str | None = None):
     return dataset
 
 
-@functools.lru_cache(maxsize=None)
-def _vlmeval_class(model_name: str):
+def vlmeval_entry(model_name: str):
+    """VLMEvalKit's `supported_VLM` entry for this name: usually a partial of its class and arguments."""
     import vlmeval.config
 
-    entry = vlmeval.config.supported_VLM.get(model_name)
+    return vlmeval.config.supported_VLM.get(model_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _vlmeval_class(model_name: str):
+    entry = vlmeval_entry(model_name)
     return getattr(entry, "func", entry)
 
 
@@ -281,9 +286,9 @@ def write_predictions(dataset, predictions: dict, path: str) -> bool:
     """The dataset's columns minus `image`, plus `prediction`, as `infer_data_job` writes them.
 
     Returns whether the predictions differ from the file already there; if not, the file is left
-    untouched. When they do, VLMEvalKit's
-    intermediate scoring files of the old predictions (`_auxmatch`, `_result`, judge caches, ...) are
-    removed: its `evaluate` reuses them when present and would score the old answers.
+    untouched. When they do, VLMEvalKit's intermediate scoring files of the old predictions
+    (`_auxmatch`, `_result`, judge caches, ...) are removed: its `evaluate` reuses them when present
+    and would score the old answers.
     """
     from vlmeval.smp import dump
 

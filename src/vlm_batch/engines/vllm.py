@@ -61,7 +61,7 @@ def preload(verbose: bool = False) -> None:
 CHILD_IMPORTS = ["vlm_batch.engines.vllm_child"]
 
 
-def _forkserver():
+def _forkserver() -> None:
     """A process that imports torch and vLLM now and forks vLLM's engine process later.
 
     vLLM starts its engine process with `spawn`, which re-imports torch and vLLM there after this
@@ -75,12 +75,10 @@ def _forkserver():
     from multiprocessing import forkserver
 
     if "forkserver" not in mp.get_all_start_methods() or os.environ.get("VLM_BATCH_SPAWN"):
-        return None
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(CHILD_IMPORTS)
+        return
+    mp.get_context("forkserver").set_forkserver_preload(CHILD_IMPORTS)
     with _engine_threads(not _cuda_visible()):
         forkserver.ensure_running()
-    return ctx
 
 
 def _cuda_visible() -> bool:
