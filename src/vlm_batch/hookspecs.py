@@ -1,6 +1,7 @@
 """The hooks a model plugin implements: `BatchCapableModel`.
 
 Each plugin answers only for its own cards and returns None otherwise, so `firstresult` picks it.
+The core's defaults (`defaults.py`) answer for any card no plugin claims.
 """
 
 import pluggy
@@ -20,20 +21,8 @@ class BatchCapableModel:
 
     @hookspec(firstresult=True)
     def vlm_batch_generate(self, card, engine, requests):
-        """Yield one Result per Request, each naming its request; the core keeps the order."""
-
-    @hookspec(firstresult=True)
-    def vlm_batch_postprocess(self, card, request, text):
-        """Return the prediction to record for a generated text (the core's default: unchanged)."""
-
-    @hookspec(firstresult=True)
-    def vlm_batch_hf_batch(self, card, engine, requests):
-        """Run one batch on the transformers engine when the checkpoint brings its own generate code."""
+        """Yield one finished Result per Request (the prediction to record), in any order."""
 
     @hookspec(firstresult=True)
     def vlm_batch_estimate_memory(self, card, request):
-        """Return the device bytes one Request needs while it runs."""
-
-    @hookspec(firstresult=True)
-    def vlm_batch_image_tokens(self, card, width, height):
-        """Return how many tokens the model's processor makes of one image of this size."""
+        """Return the KV-cache bytes one Request holds at its longest (prompt, images, new tokens)."""
