@@ -87,8 +87,10 @@ def cli():
               help="If another run holds a model and dataset of this one, wait for it instead of refusing.")
 @click.option("--judge", default="exact_matching", show_default=True,
               help="VLMEvalKit judge; exact_matching scores offline.")
-@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
-@click.option("--use-vllm", is_flag=True, help="VLMEvalKit's flag; vLLM is the default engine anyway.")
+@click.option("--engine", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
+              help="auto: vLLM where it is installed and runs the model, else transformers (saying why); "
+                   "vllm or hf: that engine or an error.")
+@click.option("--use-vllm", is_flag=True, help="VLMEvalKit's flag: the same as --engine vllm.")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Sequences the engine runs at once (vLLM's max_num_seqs); default: the engine's own.")
 @click.option("--max-batch-memory", help="Memory a transformers batch may use, e.g. 20GiB; default: "
@@ -144,7 +146,7 @@ def eval_command(models, datasets, config, work_dir, mode, rerun, wait, judge, e
     if max_batch_memory:
         from .memory import parse_size
 
-        if engine != "hf":
+        if engine == "vllm":
             _fail("--max-batch-memory sizes transformers batches; vLLM manages its own memory")
         try:
             options["max_batch_memory"] = parse_size(max_batch_memory)
@@ -201,7 +203,8 @@ def eval_command(models, datasets, config, work_dir, mode, rerun, wait, judge, e
 
 
 def _report(summary, verbose: bool = False) -> None:
-    click.echo(f"model {summary.model} | dataset {summary.dataset} | engine {summary.engine or '-'}")
+    fallback = f" ({summary.engine_fallback})" if summary.engine_fallback else ""
+    click.echo(f"model {summary.model} | dataset {summary.dataset} | engine {summary.engine or '-'}{fallback}")
     if summary.skipped:
         click.echo(f"items {summary.items}: finished by an earlier run (pass --rerun to run it again)")
     elif summary.engine or summary.resumed:

@@ -9,11 +9,6 @@ def vlm_batch_generate(card, engine, requests):
 
 
 @hookimpl(trylast=True)
-def vlm_batch_postprocess(card, request, text):
-    return text
-
-
-@hookimpl(trylast=True)
 def vlm_batch_estimate_memory(card, request):
     from .memory import estimate_request_bytes
 

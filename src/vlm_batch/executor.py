@@ -201,6 +201,7 @@ class Executor:
                     used, stats = start.describe()
                     for run in runs:
                         run.summary.engine = used
+                        run.summary.engine_fallback = getattr(start, "fallback", None)
                         run.summary.engine_stats = stats
                         if run.journal is not None and run.left:
                             run.journal.close()   # the unfinished: closed between records, for a rerun

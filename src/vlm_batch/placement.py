@@ -28,23 +28,8 @@ SPAWN_WAIT_S = 30   # how long to wait for an engine's process to appear before 
 
 
 def generate(card, engine, requests):
-    """Every request through the engine (the generate hook), post-processed, as results finish."""
-    asked = {}
-
-    def remembered():
-        for request in requests:
-            asked[request.key] = request
-            yield request
-
-    for result in pm.hook.vlm_batch_generate(card=card, engine=engine, requests=remembered()):
-        request = asked.pop(result.key, None)
-        if request is None:   # a plugin's generate that did not copy the dataset: match on the index
-            match = [k for k in asked if k[1] == result.key[1]]
-            if len(match) == 1:
-                request = asked.pop(match[0])
-                result.dataset = request.dataset
-        if result.ok and request is not None:
-            result.text = pm.hook.vlm_batch_postprocess(card=card, request=request, text=result.text)
+    """Every request through the engine by way of the family's generate hook, as results finish."""
+    for result in pm.hook.vlm_batch_generate(card=card, engine=engine, requests=requests):
         if not result.ok:
             log.warning("item %s of %s failed: %s", result.index, result.dataset, result.error)
         yield result
@@ -52,14 +37,20 @@ def generate(card, engine, requests):
 
 class EngineStart:
     """An engine starting in a thread, so that loading datasets and preparing the first requests
-    overlap its start; or an engine the caller already runs (then the caller closes it)."""
+    overlap its start; or an engine the caller already runs (then the caller closes it).
+
+    `auto` starts vLLM where it can run the model, and transformers otherwise; `fallback` says why
+    transformers ran instead (vLLM missing, no vLLM path, or vLLM's start failed and its cause)."""
 
     def __init__(self, card, name, options: dict, load=None):
         from . import engines
 
         self.card, self.options = card, options
         self.owned = isinstance(name, str)
-        self.name = name if self.owned else name.name
+        self.asked = name if self.owned else name.name
+        self.name, self.fallback = engines.choose(card, self.asked) if self.owned else (self.asked, None)
+        if self.fallback:
+            log.info("%s runs on transformers: %s", card.name, self.fallback)
         self.began = time.time()
         self.engine, self.error, self.ready_at = (None if self.owned else name), None, None
         self.closed_at = None
@@ -70,7 +61,7 @@ class EngineStart:
             self._thread = None
             return
         try:
-            spawns = engines.preload(name, options.get("verbose", False))
+            spawns = engines.preload(self.name, options.get("verbose", False))
         except Exception:   # the start itself will fail, and say why
             spawns = False
         before = {p.pid for p in multiprocessing.active_children()}
@@ -85,7 +76,7 @@ class EngineStart:
 
     def _run(self) -> None:
         try:
-            self.engine = self._load(self.name, self.card, **self.options)
+            self.engine = self._start()
         except (EngineError, KeyboardInterrupt, SystemExit) as exc:   # handed to whoever waits for it
             self.error = exc
         except BaseException as exc:   # vLLM's or transformers' own error: this model cannot run
@@ -96,6 +87,18 @@ class EngineStart:
             self.ready_at = time.time()
             if self._abandoned and self.engine is not None:
                 self.engine.close()
+
+    def _start(self):
+        try:
+            return self._load(self.name, self.card, **self.options)
+        except Exception as exc:
+            if self.asked != "auto" or self.name != "vllm" or "hf" not in self.card.engines \
+                    or self.options.get("tensor_parallel_size", 1) > 1:
+                raise
+            cause = _first_line(exc.__cause__ if isinstance(exc, EngineError) and exc.__cause__ else exc)
+            self.name, self.fallback = "hf", f"vLLM's start failed: {cause}"
+            log.warning("%s: vLLM could not start it (%s); running it on transformers", self.card.name, cause)
+            return self._load("hf", self.card, **self.options)
 
     def ready(self) -> bool:
         return self._thread is None or not self._thread.is_alive()

@@ -273,8 +273,11 @@ class RayPlacement(Local):
         return None
 
     def start(self, card, engine: str, options: dict) -> _Replicas:
+        from .engines import choose
+
+        engine, fallback = choose(card, engine)   # on the replicas, auto falls back only where vLLM is absent
         replicas = _Replicas(engine, self.options)
-        replicas.engine_options = options
+        replicas.engine_options, replicas.fallback = options, fallback
         return replicas
 
     def preparer(self, card, datasets: dict, workers: int = 0) -> _Datasets:

@@ -26,7 +26,7 @@ EXIT_WAIT_S = 60   # how long rank 0 keeps the store up for the others to read t
 def shard_message(summary: RunSummary, results: dict, answers: dict) -> dict:
     """What a rank tells rank 0 about its rows of one dataset."""
     fresh = [r for i, r in results.items() if i not in answers]
-    return {"engine": summary.engine, "generated": sum(r.ok for r in fresh), "resumed": len(answers),
+    return {"engine": summary.engine, "engine_fallback": summary.engine_fallback, "generated": sum(r.ok for r in fresh), "resumed": len(answers),
             "failed": [[i, r.error] for i, r in results.items() if not r.ok], "restarts": summary.restarts,
             "infer_s": summary.infer_s, "output_tokens": sum(r.output_tokens for r in fresh),
             "engine_stats": summary.engine_stats}
@@ -35,6 +35,7 @@ def shard_message(summary: RunSummary, results: dict, answers: dict) -> dict:
 def merge_shards(summary: RunSummary, shards: list[dict]) -> RunSummary:
     """The whole run's counts from each rank's; generation time is the slowest rank's (they run at once)."""
     summary.engine = next((s["engine"] for s in shards if s["engine"]), None)
+    summary.engine_fallback = next((s["engine_fallback"] for s in shards if s.get("engine_fallback")), None)
     summary.generated = sum(s["generated"] for s in shards)
     summary.resumed = sum(s["resumed"] for s in shards)
     summary.failed = {i: cause for s in shards for i, cause in s["failed"]}
@@ -50,7 +51,8 @@ def merge_shards(summary: RunSummary, shards: list[dict]) -> RunSummary:
 def _as_message(summary: RunSummary) -> dict:
     score = summary.score
     text = score.to_string(index=False) if hasattr(score, "to_string") else (None if score is None else str(score))
-    return {"model": summary.model, "dataset": summary.dataset, "engine": summary.engine, "items": summary.items,
+    return {"model": summary.model, "dataset": summary.dataset, "engine": summary.engine,
+            "engine_fallback": summary.engine_fallback, "items": summary.items,
             "generated": summary.generated, "resumed": summary.resumed,
             "failed": [[i, c] for i, c in summary.failed.items()], "restarts": summary.restarts,
             "wall_s": summary.wall_s, "infer_s": summary.infer_s, "output_tokens": summary.output_tokens,
@@ -60,7 +62,7 @@ def _as_message(summary: RunSummary) -> dict:
 
 
 def _from_message(m: dict) -> RunSummary:
-    return RunSummary(m["model"], m["dataset"], engine=m["engine"], items=m["items"], generated=m["generated"],
+    return RunSummary(m["model"], m["dataset"], engine=m["engine"], engine_fallback=m.get("engine_fallback"), items=m["items"], generated=m["generated"],
                       resumed=m["resumed"], failed={i: c for i, c in m["failed"]}, restarts=m["restarts"],
                       wall_s=m["wall_s"], infer_s=m["infer_s"], output_tokens=m["output_tokens"],
                       prediction_file=m["prediction_file"], report_file=m["report_file"],

@@ -120,7 +120,8 @@ def run_suite(plan: Plan, settings: Settings, *, options: dict | None = None, li
                 gc.collect()
                 _return_memory()
             model.update(engine_times=executor.engine_times, phases_s=timeline.rounded(), wall_s=round(timeline.wall, 3),
-                         rss_after_close_mb=_rss_mb(), engine=next((s.engine for s in summaries if s.engine), None))
+                         rss_after_close_mb=_rss_mb(), engine=next((s.engine for s in summaries if s.engine), None),
+                         engine_fallback=next((s.engine_fallback for s in summaries if s.engine_fallback), None))
             for s in summaries:
                 if not s.skipped and not s.error:
                     s.phases_s, s.wall_s = timeline.rounded(), timeline.wall

@@ -6,20 +6,46 @@ names its request. `close()` frees the device.
 
 from __future__ import annotations
 
+import importlib.util
+
 ENGINES = ("vllm", "hf")
+CHOICES = ("auto", *ENGINES)   # auto: vLLM where it can run the model, else transformers
+HF_ONLY = ("max_batch_memory",)   # options that size transformers batches; vLLM sizes its own
+NO_VLLM = "vLLM is not installed (pip install 'vlm-batch[vllm]')"
 
 
 class EngineError(RuntimeError):
     """The engine as a whole failed (not one item): it could not start, or it died."""
 
 
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported, without importing it (that takes seconds)."""
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):   # ValueError: blocked in sys.modules
+        return False
+
+
+def choose(card, asked: str) -> tuple[str, str | None]:
+    """The engine to start for `asked`, and, when `auto` cannot start with vLLM, why not."""
+    if asked != "auto":
+        return asked, None
+    if "vllm" not in card.engines:
+        return "hf", f"{card.name} has no vLLM path"
+    if "hf" in card.engines and not vllm_installed():
+        return "hf", NO_VLLM
+    return "vllm", None
+
+
 def check_choice(card, name: str, trust_remote_code: bool = False) -> None:
     """Refuse, before anything loads, an engine the model lacks or remote code not opted into."""
-    if name not in ENGINES:
-        raise EngineError(f"Unknown engine '{name}'. Available: {', '.join(ENGINES)}")
-    if name not in card.engines:
+    if name not in CHOICES:
+        raise EngineError(f"Unknown engine '{name}'. Available: {', '.join(CHOICES)}")
+    if name != "auto" and name not in card.engines:
         raise EngineError(
             f"Model '{card.name}' has no {name} engine; it runs on: {', '.join(card.engines)}")
+    if choose(card, name)[0] == "vllm" and not vllm_installed():
+        raise EngineError(f"{NO_VLLM}; use --engine hf, or --engine auto to fall back to it")
     if card.trust_remote_code and not trust_remote_code:
         raise EngineError(f"Model '{card.name}' runs code shipped with its checkpoint; "
                           "pass --trust-remote-code if you trust it")
@@ -27,11 +53,12 @@ def check_choice(card, name: str, trust_remote_code: bool = False) -> None:
 
 def load_engine(name: str, card, **options):
     """Start the named engine for `card`; the import of its heavy library happens here."""
+    name = choose(card, name)[0]
     check_choice(card, name, options.get("trust_remote_code", False))
     if name == "vllm":
         from .vllm import VLLMEngine
 
-        return VLLMEngine(card, **options)
+        return VLLMEngine(card, **{k: v for k, v in options.items() if k not in HF_ONLY})
     if name == "hf":
         from .hf import HFEngine
 
@@ -49,6 +76,16 @@ def preload(name: str, verbose: bool = False) -> bool:
     import transformers  # noqa: F401
 
     return False
+
+
+def token_ids(tokenizer, tokens) -> set:
+    """The ids of those tokens the vocabulary has (a missing one would map to <unk> and stop on it)."""
+    ids = set()
+    for token in tokens:
+        i = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(i) == token:
+            ids.add(i)
+    return ids
 
 
 def on_gpu() -> bool:

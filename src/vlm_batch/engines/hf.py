@@ -12,7 +12,7 @@ import math
 from ..collector import BatchCollector, collect
 from ..processor import BatchProcessor
 from ..request import Result
-from . import EngineError, on_gpu
+from . import EngineError, on_gpu, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class HFEngine:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         eos = self.model.generation_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.eos = self._checkpoint_eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos)
         text = getattr(self.model.config, "text_config", None) or self.model.config
         self.context = getattr(text, "max_position_embeddings", None)
@@ -77,14 +77,8 @@ class HFEngine:
     # -- one batch ---------------------------------------------------------------------------------
 
     def run_batch(self, requests: list) -> list[Result]:
-        """One batch, one Result per request in order (or the plugin's own batch code, if it has one)."""
+        """One batch, one Result per request in order; an answer ends at any of `self.eos`."""
         import torch
-
-        from ..plugins import pm
-
-        custom = pm.hook.vlm_batch_hf_batch(card=self.card, engine=self, requests=requests)
-        if custom is not None:
-            return custom
 
         kwargs = dict(text=[r.prompt for r in requests], padding=True, return_tensors="pt")
         if any(r.images for r in requests):
@@ -100,7 +94,8 @@ class HFEngine:
                 budget = min(budget, self.context - longest)
             with torch.inference_mode():
                 out = self.model.generate(**inputs, max_new_tokens=budget, do_sample=False,
-                                          pad_token_id=self.pad_id, **self.card.generation)
+                                          pad_token_id=self.pad_id, eos_token_id=sorted(self.eos),
+                                          **self.card.generation)
         except Exception:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -129,10 +124,13 @@ class HFEngine:
         return BatchCollector(self.max_batch, self.timeout_s, budget=self.budget, cost=lambda r: r.memory,
                               key=lambda r: (r.dataset, len(r.images), length_bucket(r.prompt_tokens)))
 
-    def generate(self, requests):
+    def generate(self, requests, stop_tokens: tuple = (), batch=None):
+        """Results as batches finish. `stop_tokens` end answers besides the checkpoint's end tokens;
+        `batch(requests)` replaces `run_batch` for checkpoints with their own generation code."""
+        self.eos = self._checkpoint_eos | token_ids(self.tokenizer, stop_tokens)
         collector = self.collector()
         requests = (self._sized(r) for r in requests)   # runs in the producer thread
-        processor = BatchProcessor(self.run_batch, max_batch=self.max_batch)
+        processor = BatchProcessor(batch or self.run_batch, max_batch=self.max_batch)
         self.last = (collector.stats, processor.metrics)
         for batch in collect(requests, collector):
             yield from processor.process(batch)

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..request import Result
-from . import EngineError, on_gpu
+from . import EngineError, on_gpu, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -261,34 +261,40 @@ class VLLMEngine:
 
         threading.Thread(target=watch, name="vlm-batch-engine-watch", daemon=True).start()
 
-    def _sampling(self, max_new_tokens: int):
+    def _sampling(self, max_new_tokens: int, stop_tokens: tuple = ()):
         """Greedy settings, built once per length: vLLM copies them into each request anyway."""
         from vllm import SamplingParams
 
-        if max_new_tokens not in self._params:
-            self._params[max_new_tokens] = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0,
-                                                          **self.card.generation)
-        return self._params[max_new_tokens]
+        key = (max_new_tokens, stop_tokens)
+        if key not in self._params:
+            extra = {}
+            if stop_tokens:
+                extra["stop_token_ids"] = sorted(token_ids(self.llm.get_tokenizer(), stop_tokens))
+            self._params[key] = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0,
+                                               **extra, **self.card.generation)
+        return self._params[key]
 
-    def _submit(self, request) -> str:
+    def _submit(self, request, stop_tokens: tuple = ()) -> str:
         prompt = {"prompt": request.prompt}
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images}
         if request.mm_kwargs:
             prompt["mm_processor_kwargs"] = request.mm_kwargs
-        (request_id,) = self.llm.enqueue([prompt], self._sampling(request.max_new_tokens), use_tqdm=False)
+        (request_id,) = self.llm.enqueue([prompt], self._sampling(request.max_new_tokens, stop_tokens),
+                                         use_tqdm=False)
         return request_id.split("-")[0]  # vLLM appends a random suffix internally; outputs use the base id
 
-    def generate(self, requests):
-        """Results as requests finish; EngineError if vLLM's engine process dies."""
+    def generate(self, requests, stop_tokens: tuple = (), batch=None):
+        """Results as requests finish; EngineError if vLLM's engine process dies. `stop_tokens` end
+        answers besides the checkpoint's end tokens; `batch` (transformers batch code) does not apply."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            yield from self._stream(requests)
+            yield from self._stream(requests, tuple(stop_tokens))
         except EngineDeadError as exc:
             raise EngineError(f"vLLM's engine process died ({exc})") from exc
 
-    def _stream(self, requests):
+    def _stream(self, requests, stop_tokens: tuple = ()):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self.llm.llm_engine
@@ -305,7 +311,7 @@ class VLLMEngine:
                 pending = len(group) == want
                 for request in group:
                     try:
-                        in_flight[self._submit(request)] = request
+                        in_flight[self._submit(request, stop_tokens)] = request
                         datasets[request.dataset] += 1
                     except EngineDeadError:
                         raise

@@ -13,6 +13,7 @@ engines tokenize with special tokens on, and a `<bos>` in the text as well would
 from __future__ import annotations
 
 from vlm_batch import ModelCard, Request, hookimpl
+from vlm_batch.generation import generate, parts
 
 FAMILY = "gemma3"
 SYSTEM = "You are a helpful assistant. "   # VLMEvalKit's Gemma3 default system prompt
@@ -39,6 +40,7 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_o
 # Gemma's vocabulary has runs of newlines as single tokens, and vLLM's Gemma 3 processor looks them up.
 NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
 TINY_IMAGE_TOKENS = 16   # 4 x 4 pooled tokens from an 8 x 8 patch grid
+END_OF_TURN = ("<end_of_turn>",)   # ends the model's turn: pre-trained checkpoints list only <eos>
 
 
 def render(system: str | None, content: list[tuple[str, str]]) -> str:
@@ -143,16 +145,16 @@ def vlm_batch_models():
 def vlm_batch_prepare(card, message, dataset):
     if card.family != FAMILY:
         return None
-    limit = card.options["max_images"]
-    content, images = [], []
-    for part in message:
-        if part["type"] == "image" and len(images) < limit:
-            images.append(part["image"])
-            content.append(("image", ""))
-        elif part["type"] == "text":
-            content.append(("text", part["value"]))
+    content, images = parts(message, card.options["max_images"])
     return Request(prompt=render(card.options.get("system"), content), images=images,
                    max_new_tokens=card.max_new_tokens)
+
+
+@hookimpl
+def vlm_batch_generate(card, engine, requests):
+    if card.family != FAMILY:
+        return None
+    return generate(engine, requests, stop_tokens=END_OF_TURN)
 
 
 @hookimpl

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 
 from vlm_batch import ModelCard, Request, hookimpl
+from vlm_batch.generation import generate, parts
 
 FAMILY = "llama4"
 MAX_IMAGES = 10          # VLMEvalKit: "vLLM support max 10 images per prompt for Llama 4"
 MAX_NEW_TOKENS = 4096    # VLMEvalKit's llama4 default on its vLLM path
 IMAGE = "<|image|>"      # the processor expands it into tiles of patch tokens
 EOT = "<|eot|>"
+STOPS = ("<|eot|>", "<|eom|>")   # end of turn, end of message (a tool call): the answer ends at either
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad|>", "<|header_start|>",
                   "<|header_end|>", "<|eom|>", "<|eot|>", "<|image_start|>", "<|image_end|>", "<|image|>",
                   "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>", "<|python_start|>",
@@ -109,22 +111,15 @@ def vlm_batch_models():
 def vlm_batch_prepare(card, message, dataset):
     if card.family != FAMILY:
         return None
-    limit = card.options["max_images"]
-    content, images = [], []
-    for part in message:
-        if part["type"] == "image" and len(images) < limit:
-            images.append(part["image"])
-            content.append(("image", ""))
-        elif part["type"] == "text":
-            content.append(("text", part["value"]))
+    content, images = parts(message, card.options["max_images"])
     return Request(prompt=render(content), images=images, max_new_tokens=card.max_new_tokens)
 
 
 @hookimpl
-def vlm_batch_postprocess(card, request, text):
+def vlm_batch_generate(card, engine, requests):
     if card.family != FAMILY:
         return None
-    return strip_eot(text)
+    return generate(engine, requests, stop_tokens=STOPS, clean=lambda request, text: strip_eot(text))
 
 
 @hookimpl

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 from vlm_batch import ModelCard, Request, hookimpl
+from vlm_batch.generation import generate
 
 FAMILY = "molmo"
 MAX_CROPS = 36            # VLMEvalKit's default max_crops
@@ -80,10 +81,8 @@ def vlm_batch_prepare(card, message, dataset):
                    max_new_tokens=card.max_new_tokens, mm_kwargs={"max_crops": card.options["max_crops"]})
 
 
-@hookimpl
-def vlm_batch_postprocess(card, request, text):
-    if card.family != FAMILY:
-        return None
+def clean(request, text: str) -> str:
+    """VLMEvalKit's: the answer stripped; on AI2D without letters, an option's text becomes its letter."""
     text = text.strip()
     raw = request.prompt[len("User: "):-len(" Assistant:")]
     if request.dataset in AI2D and "ai2_diagram_no_letter" in raw:
@@ -92,10 +91,11 @@ def vlm_batch_postprocess(card, request, text):
 
 
 @hookimpl
-def vlm_batch_hf_batch(card, engine, requests):
+def vlm_batch_generate(card, engine, requests):
     if card.family != FAMILY:
         return None
-    return _hf_batch(engine, requests)
+    # On transformers the checkpoint's own processor and generate_from_batch (stopping at STOP).
+    return generate(engine, requests, stop_tokens=(STOP,), hf_batch=_hf_batch, clean=clean)
 
 
 def _hf_batch(engine, requests):

