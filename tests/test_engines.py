@@ -69,9 +69,11 @@ def test_hf_batches_group_similar_lengths(hf_engine, requests):
 
 
 def test_hf_memory_budget_splits_batches_before_sending(tiny_card, requests):
+    from vlm_batch.memory import batch_bytes
     from vlm_batch.plugins import pm
 
-    per_request = max(pm.hook.vlm_batch_estimate_memory(card=tiny_card, request=r) for r in requests)
+    per_request = max(batch_bytes(tiny_card, r, pm.hook.vlm_batch_estimate_memory(card=tiny_card, request=r))
+                      for r in requests)
     engine = HFEngine(tiny_card, batch_size=64, max_batch_memory=per_request * 5)
     try:
         seen = recording(engine)

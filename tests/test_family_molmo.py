@@ -102,9 +102,9 @@ def test_refuses_to_run_without_trust_remote_code(tmp_path):
 
 
 def test_image_tokens_follow_molmo_crops(card):
-    from vlm_batch.plugins import pm
+    from vlm_batch_molmo import image_tokens
 
     def tokens(w, h):
-        return pm.hook.vlm_batch_image_tokens(card=card, width=w, height=h)
+        return image_tokens(card, w, h)
 
     assert tokens(112, 112) == tokens(336, 336) < tokens(1000, 700) < tokens(4000, 3000)

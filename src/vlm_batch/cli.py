@@ -101,6 +101,9 @@ def cli():
 @click.option("--prep-workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes preparing prompts and images (0: this one); helps when images are large.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any item failed.")
+@click.option("--truncate", is_flag=True, help="Cut the text of a prompt longer than the model's context, "
+              "keeping its images, start and end (options, instruction), instead of failing the item; "
+              "each cut is a warning, counted in the run report.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="GPUs per engine (vLLM tensor parallel); under torchrun, per rank.")
 @click.option("--ray", "use_ray", is_flag=True, help="Generate on a Ray cluster: replicas of the engine in a "
@@ -113,7 +116,7 @@ def cli():
               help="GPUs each replica holds with --ray; default: --tp on GPU machines, 0 otherwise.")
 @click.option("-v", "--verbose", is_flag=True, help="Engine logs, batch statistics and phase times.")
 def eval_command(models, datasets, config, work_dir, mode, rerun, wait, judge, engine, use_vllm, batch_size,
-                 max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, tp, use_ray,
+                 max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, truncate, tp, use_ray,
                  ray_address, replicas, gpus_per_replica, verbose):
     """Evaluate models on datasets; with no options, the embedded demo on the sample set.
 
@@ -167,7 +170,8 @@ def eval_command(models, datasets, config, work_dir, mode, rerun, wait, judge, e
 
     progress = SuiteProgress() if interactive() else None
     settings = Settings(work_dir=work_dir, mode=mode, judge=judge, nproc=nproc, prep_workers=prep_workers,
-                        rerun=rerun, wait=wait, verbose=verbose)
+                        rerun=rerun, wait=wait, verbose=verbose, truncate=truncate,
+                        trust_remote_code=trust_remote_code)
     try:
         result = run_suite(plan, settings, options=options, limit=limit, tp=tp, ray=ray, started=_STARTED.get("at"),
                            progress=progress)
@@ -209,7 +213,8 @@ def _report(summary, verbose: bool = False) -> None:
         click.echo(f"items {summary.items}: finished by an earlier run (pass --rerun to run it again)")
     elif summary.engine or summary.resumed:
         click.echo(f"items {summary.items}: generated {summary.generated}, resumed {summary.resumed}, "
-                   f"failed {len(summary.failed)}; generation {summary.infer_s:.1f}s "
+                   f"failed {len(summary.failed)}" + (f", truncated {summary.truncated}" if summary.truncated
+                                                       else "") + f"; generation {summary.infer_s:.1f}s "
                    f"({summary.items_per_s:.1f} items/s)" + (f"; engine restarts {summary.restarts}"
                                                             if summary.restarts else ""))
         for index, cause in list(summary.failed.items())[:20]:

@@ -10,13 +10,6 @@ def vlm_batch_generate(card, engine, requests):
 
 @hookimpl(trylast=True)
 def vlm_batch_estimate_memory(card, request):
-    from .memory import estimate_request_bytes
+    from .memory import estimate_kv
 
-    return estimate_request_bytes(card, request)
-
-
-@hookimpl(trylast=True)
-def vlm_batch_image_tokens(card, width, height):
-    from .memory import default_image_tokens
-
-    return default_image_tokens(card, width, height)
+    return estimate_kv(card, request)   # what the config says its layers keep; ViT-patch images

@@ -62,6 +62,8 @@ class Settings:
     rerun: bool = False
     wait: bool = False
     verbose: bool = False
+    truncate: bool = False             # cut over-long prompts' text to fit, instead of failing them
+    trust_remote_code: bool = False    # what --truncate may load to count tokens
 
 
 class Executor:
@@ -158,7 +160,12 @@ class Executor:
                     if r.left:
                         r.summary.restarts += 1
 
-            with self.placement.preparer(card, {r.name: r.dataset for r in runs}, s.prep_workers) as preparer:
+            fit = None
+            if s.truncate:
+                from .truncate import Fit
+
+                fit = Fit(card, s.trust_remote_code)
+            with self.placement.preparer(card, {r.name: r.dataset for r in runs}, s.prep_workers, fit) as preparer:
                 stream = self.placement.answer(card, start, preparer, work, on_restart=restarted)
                 engine, began = None, time.time()
                 share_from = None   # rows of several datasets share the engine: each is given the stretch
@@ -247,6 +254,7 @@ class Finisher:
         fresh = [r for i, r in run.results.items() if i not in run.answers]
         summary.generated = sum(r.ok for r in fresh)
         summary.output_tokens = sum(r.output_tokens for r in fresh)
+        summary.truncated = sum(1 for r in fresh if r.truncated)
         summary.failed = {i: r.error for i, r in run.results.items() if not r.ok}
         if run.first_at is not None:
             summary.infer_s = run.last_at - (run.share_from or run.first_at)

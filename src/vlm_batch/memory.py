@@ -1,8 +1,9 @@
 """How many bytes a request needs, and how many requests fit in a batch.
 
-The default reads the checkpoint's config: KV bytes per token (layers x KV heads x head dim x 2 x
-dtype size) times the tokens a request holds at its longest (text + image tokens + new tokens).
-Plugins refine the image-token count, the one part that differs most between families.
+A request's KV: per layer, KV heads x head dim x 2 x dtype size for each token the layer keeps,
+over the tokens a request holds at its longest (text + image tokens + new tokens). What a layer
+keeps comes from the config's `layer_types` (full, sliding window, chunked, linear attention);
+families add what their configs do not say, and how their processors count image tokens.
 """
 
 from __future__ import annotations
@@ -45,12 +46,44 @@ def dtype_bytes(cfg: dict, dtype: str | None = None) -> int:
 
 
 def kv_bytes_per_token(cfg: dict, dtype: str | None = None) -> int:
+    """KV bytes one token costs over every layer, as if all were full attention."""
     t = text_config(cfg)
-    layers = t.get("num_hidden_layers") or t.get("n_layers") or t.get("num_layers")
+    return int(_layers(t)) * _per_layer_token(cfg, dtype)
+
+
+def _layers(t: dict) -> int:
+    return int(t.get("num_hidden_layers") or t.get("n_layers") or t.get("num_layers"))
+
+
+def _per_layer_token(cfg: dict, dtype: str | None = None) -> int:
+    t = text_config(cfg)
     heads = t.get("num_attention_heads") or t.get("n_heads")
-    kv_heads = t.get("num_key_value_heads") or heads
-    head_dim = t.get("head_dim") or t["hidden_size"] // heads
-    return int(layers) * int(kv_heads) * int(head_dim) * 2 * dtype_bytes(cfg, dtype)
+    kv_heads = t.get("num_key_value_heads") or t.get("n_kv_heads") or heads
+    head_dim = t.get("head_dim") or (t.get("hidden_size") or t["d_model"]) // heads
+    return int(kv_heads) * int(head_dim) * 2 * dtype_bytes(cfg, dtype)
+
+
+# What a layer of each attention kind keeps, from the config's `layer_types`: every token, a window
+# of them, or (linear attention) a state whose size does not grow with the prompt.
+FULL, LINEAR = None, 0
+
+
+def layer_spans(cfg: dict) -> list:
+    """Per layer, the most tokens it keeps KV for: FULL, a window, or LINEAR (a fixed state)."""
+    t = text_config(cfg)
+    kinds = t.get("layer_types") or ["full_attention"] * _layers(t)
+    span = {"sliding_attention": t.get("sliding_window"), "chunked_attention": t.get("attention_chunk_size"),
+            "linear_attention": LINEAR}
+    return [span.get(kind, FULL) for kind in kinds]
+
+
+def kv_bytes(cfg: dict, tokens: int, spans: list | None = None, state_bytes: int = 0,
+             dtype: str | None = None) -> int:
+    """KV bytes of a sequence of `tokens`: each layer keeps min(tokens, its span), and each linear
+    layer `state_bytes` of its own whatever the length."""
+    spans = layer_spans(cfg) if spans is None else spans
+    kept = sum(tokens if s is FULL else min(tokens, s) for s in spans if s is not LINEAR)
+    return kept * _per_layer_token(cfg, dtype) + state_bytes * sum(1 for s in spans if s is LINEAR)
 
 
 def default_image_tokens(card, width: int, height: int) -> int:
@@ -62,21 +95,26 @@ def default_image_tokens(card, width: int, height: int) -> int:
 
 
 def approx_text_tokens(prompt: str) -> int:
-    """Without a tokenizer at hand: words and punctuation, a slight overestimate for English BPE."""
-    return len(re.findall(r"\w+|[^\w\s]", prompt))
+    """Without a tokenizer at hand: special tokens, words and punctuation, a slight overestimate for
+    English BPE."""
+    return len(re.findall(r"<\|?[\w/]+\|?>|\w+|[^\w\s]", prompt))
 
 
-def prompt_tokens(card, request) -> int:
-    """The prompt's tokens, images included, without loading a tokenizer."""
-    from .plugins import pm
+def prompt_tokens(card, request, image_tokens=None) -> int:
+    """The prompt's tokens, images included (`image_tokens(card, w, h)`: the family's count),
+    without loading a tokenizer."""
+    count = image_tokens or default_image_tokens
+    return approx_text_tokens(request.prompt) + sum(count(card, im.width, im.height) for im in request.images)
 
-    return approx_text_tokens(request.prompt) + sum(
-        pm.hook.vlm_batch_image_tokens(card=card, width=im.width, height=im.height) for im in request.images)
 
-
-def request_tokens(card, request) -> int:
+def request_tokens(card, request, image_tokens=None) -> int:
     """Tokens a request holds at its longest: its prompt (images included) plus all new tokens."""
-    return (request.prompt_tokens or prompt_tokens(card, request)) + request.max_new_tokens
+    return prompt_tokens(card, request, image_tokens) + request.max_new_tokens
+
+
+def estimate_kv(card, request, image_tokens=None, spans: list | None = None, state_bytes: int = 0) -> int:
+    """A family's estimate from its facts: how it counts image tokens, what its layers keep."""
+    return kv_bytes(model_config(card), request_tokens(card, request, image_tokens), spans, state_bytes)
 
 
 def activation_bytes_per_token(cfg: dict, dtype: str | None = None) -> int:
@@ -87,9 +125,10 @@ def activation_bytes_per_token(cfg: dict, dtype: str | None = None) -> int:
     return (2 * hidden + 2 * inter) * dtype_bytes(cfg, dtype)
 
 
-def estimate_request_bytes(card, request, dtype: str | None = None) -> int:
-    cfg = model_config(card)
-    return request_tokens(card, request) * (kv_bytes_per_token(cfg, dtype) + activation_bytes_per_token(cfg, dtype))
+def batch_bytes(card, request, kv: int) -> int:
+    """What a request costs a transformers batch: its KV (the family's estimate) and its activations."""
+    tokens = (request.prompt_tokens or approx_text_tokens(request.prompt)) + request.max_new_tokens
+    return kv + tokens * activation_bytes_per_token(model_config(card))
 
 
 def parse_size(text: str | None) -> int | None:

@@ -29,7 +29,16 @@ SPAWN_WAIT_S = 30   # how long to wait for an engine's process to appear before 
 
 def generate(card, engine, requests):
     """Every request through the engine by way of the family's generate hook, as results finish."""
-    for result in pm.hook.vlm_batch_generate(card=card, engine=engine, requests=requests):
+    cut = {}   # the requests --truncate cut: their results say so, for the report
+
+    def noted():
+        for request in requests:
+            if request.truncated:
+                cut[request.key] = request.truncated
+            yield request
+
+    for result in pm.hook.vlm_batch_generate(card=card, engine=engine, requests=noted()):
+        result.truncated = cut.pop(result.key, None)
         if not result.ok:
             log.warning("item %s of %s failed: %s", result.index, result.dataset, result.error)
         yield result
@@ -169,10 +178,10 @@ class Local:
         """`action` on the process that writes; the others learn whether it failed."""
         return action()
 
-    def preparer(self, card, datasets: dict, workers: int = 0):
+    def preparer(self, card, datasets: dict, workers: int = 0, fit=None):
         from .prepare import Preparer
 
-        return Preparer(card, datasets, workers)
+        return Preparer(card, datasets, workers, fit)
 
     def start(self, card, engine, options: dict) -> EngineStart:
         from . import engines

@@ -34,24 +34,32 @@ def decode_images(message: list[dict]) -> list[dict]:
             for part in message]
 
 
-def prepare(card, index, message, dataset_name: str):
-    """One message as an engine Request, its tokens counted here so batching needs no tokenizer."""
+def prepare(card, index, message, dataset_name: str, fit=None):
+    """One message as an engine Request, its tokens counted here so batching needs no tokenizer;
+    `fit` (--truncate) cuts the message's text when the prompt would not fit the context."""
     from .memory import prompt_tokens
 
-    request = pm.hook.vlm_batch_prepare(card=card, message=decode_images(message), dataset=dataset_name)
-    if request is None:
-        raise PluginError(f"no plugin prepares requests for '{card.name}' (family {card.family})")
+    def one(message):
+        request = pm.hook.vlm_batch_prepare(card=card, message=decode_images(message), dataset=dataset_name)
+        if request is None:
+            raise PluginError(f"no plugin prepares requests for '{card.name}' (family {card.family})")
+        return request
+
+    request = fit(one, message) if fit is not None else one(message)
     request.index, request.dataset = index, dataset_name
+    if request.truncated:
+        log.warning("item %s of %s: prompt cut from %d to %d tokens to fit the context (--truncate)",
+                    index, dataset_name, *request.truncated)
     request.prompt_tokens = request.prompt_tokens or prompt_tokens(card, request)
     return request
 
 
-def prepare_row(card, dataset, build, i: int):
+def prepare_row(card, dataset, build, i: int, fit=None):
     """Row `i` as a Request, or as a failed Result naming the row and the cause."""
     line = dataset.data.iloc[i]
     index = line["index"]
     try:
-        request = prepare(card, index, build(line), dataset.dataset_name)
+        request = prepare(card, index, build(line), dataset.dataset_name, fit)
         request.position = i
         return request
     except Exception as exc:
@@ -63,20 +71,20 @@ def prepare_row(card, dataset, build, i: int):
 class Builders:
     """The prompt builder of each dataset, made once per process."""
 
-    def __init__(self, card, datasets: dict):
-        self.card, self.datasets, self._built = card, datasets, {}
+    def __init__(self, card, datasets: dict, fit=None):
+        self.card, self.datasets, self.fit, self._built = card, datasets, fit, {}
 
     def row(self, name: str, position: int):
         if name not in self._built:
             self._built[name] = bridge.prompt_builder(self.card, self.datasets[name])
-        return prepare_row(self.card, self.datasets[name], self._built[name], position)
+        return prepare_row(self.card, self.datasets[name], self._built[name], position, self.fit)
 
 
 _worker: dict = {}
 
 
-def _init(card, datasets):
-    _worker["builders"] = Builders(card, datasets)
+def _init(card, datasets, fit):
+    _worker["builders"] = Builders(card, datasets, fit)
 
 
 def _prepare_chunk(chunk: list[tuple[str, int]]) -> list:
@@ -86,11 +94,11 @@ def _prepare_chunk(chunk: list[tuple[str, int]]) -> list:
 class Preparer:
     """Requests (or failed Results) for a stream of (dataset name, row position), in order."""
 
-    def __init__(self, card, datasets: dict, workers: int = 0):
-        self.builders = Builders(card, datasets)
+    def __init__(self, card, datasets: dict, workers: int = 0, fit=None):
+        self.builders = Builders(card, datasets, fit)
         self.pool = None
         if workers > 0 and "fork" in mp.get_all_start_methods():
-            self.pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(card, datasets))
+            self.pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(card, datasets, fit))
         self.workers = workers if self.pool is not None else 0
 
     def __call__(self, work):

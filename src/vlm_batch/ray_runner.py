@@ -107,13 +107,13 @@ def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def prepare_batch(batch: dict, card, dataset_refs: dict) -> dict:
+def prepare_batch(batch: dict, card, dataset_refs: dict, fit=None) -> dict:
     """Rows (by dataset and position) as pickled Requests, or the cause a row cannot be asked; a CPU task."""
     from .plugins import load_plugins
     from .prepare import Builders
 
     load_plugins()   # a fresh worker: the installed plugins, as the driver has them
-    builders = Builders(card, {n: _dataset(dataset_refs, n) for n in set(batch["dataset"])})
+    builders = Builders(card, {n: _dataset(dataset_refs, n) for n in set(batch["dataset"])}, fit)
     out = {"dataset": [], "position": [], "index": [], "request": [], "error": [], "prepared_by": []}
     for name, position in zip(batch["dataset"], batch["position"]):
         prepared = builders.row(str(name), int(position))
@@ -184,6 +184,7 @@ class Replica:
                 "error": ["" if r.ok else r.error for r in results],
                 "prompt_tokens": [int(r.prompt_tokens) for r in results],
                 "output_tokens": [int(r.output_tokens) for r in results],
+                "truncated": [json.dumps(r.truncated) for r in results],
                 "replica": [self.id] * len(results), "engine": [self.engine.name] * len(results),
                 "restarts": [self.restarts] * len(results), "ready_at": [self.ready_at] * len(results),
                 "prepared_by": [by for _, by in spots]}
@@ -206,7 +207,7 @@ def _result(row) -> Result:
     error = str(row["error"]) or None
     return Result(index=json.loads(row["index"]), text=None if error else str(row["text"]), error=error,
                   prompt_tokens=int(row["prompt_tokens"]), output_tokens=int(row["output_tokens"]),
-                  dataset=str(row["dataset"]))
+                  dataset=str(row["dataset"]), truncated=tuple(json.loads(row["truncated"]) or ()) or None)
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -240,8 +241,8 @@ class _Replicas:
 class _Datasets:
     """What the executor hands a local preparer; the rows are prepared by Ray tasks instead."""
 
-    def __init__(self, datasets: dict):
-        self.datasets = datasets
+    def __init__(self, datasets: dict, fit=None):
+        self.datasets, self.fit = datasets, fit
 
     def __enter__(self):
         return self
@@ -280,8 +281,8 @@ class RayPlacement(Local):
         replicas.engine_options, replicas.fallback = options, fallback
         return replicas
 
-    def preparer(self, card, datasets: dict, workers: int = 0) -> _Datasets:
-        return _Datasets(datasets)
+    def preparer(self, card, datasets: dict, workers: int = 0, fit=None) -> _Datasets:
+        return _Datasets(datasets, fit)
 
     def answer(self, card, start: _Replicas, preparer: _Datasets, work, on_restart=None):
         """Results for `work` ((dataset, position) pairs) from the replicas, each row once."""
@@ -315,7 +316,8 @@ class RayPlacement(Local):
                     resubmitted += len(todo)
                     log.warning("%d items came back from no replica; sending them again", len(todo))
                 rows = ray.data.from_items([{"dataset": n, "position": p} for n, p in todo])
-                prepared = rows.map_batches(prepare_batch, fn_kwargs={"card": card, "dataset_refs": refs},
+                prepared = rows.map_batches(prepare_batch, fn_kwargs={"card": card, "dataset_refs": refs,
+                                                                           "fit": preparer.fit},
                                             batch_size=PREP_ROWS, num_cpus=prep_cpus)
                 results = prepared.map_batches(
                     Replica, fn_constructor_kwargs={"card": card, "engine": start.name,

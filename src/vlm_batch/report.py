@@ -40,6 +40,7 @@ class RunSummary:
     skipped: bool = False                        # finished by an earlier run (prediction file and score)
     error: str | None = None                     # the model could not run at all (e.g. its engine)
     engine_fallback: str | None = None           # why the engine asked for was not used
+    truncated: int = 0                           # items whose text --truncate cut to fit the context
 
     @property
     def items_per_s(self) -> float:
@@ -110,7 +111,7 @@ def run_report(summary: RunSummary, card) -> dict:
                     "cpus": os.cpu_count()},
         "items": summary.items, "generated": summary.generated, "resumed": summary.resumed,
         "failed": len(summary.failed), "failed_items": {str(k): v for k, v in summary.failed.items()},
-        "engine_restarts": summary.restarts,
+        "engine_restarts": summary.restarts, "truncated": summary.truncated,
         "wall_s": round(summary.wall_s, 3), "generation_s": round(seconds, 3),
         "phases_s": summary.phases_s, "timings": summary.timings,
         "items_per_s": round(summary.items_per_s, 3),

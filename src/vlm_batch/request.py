@@ -19,6 +19,7 @@ class Request:
     mm_kwargs: dict = field(default_factory=dict)  # per-request processor arguments
     memory: int = 0                # device bytes it needs (estimate_memory hook), once computed
     position: int = -1             # the row's position in its dataset (set by the core)
+    truncated: tuple | None = None  # (tokens before, after) when --truncate cut its text
 
     @property
     def shape(self) -> tuple:
@@ -38,6 +39,7 @@ class Result:
     prompt_tokens: int = 0
     output_tokens: int = 0
     dataset: str = ""              # the request's dataset, copied by the engine
+    truncated: tuple | None = None  # its request's text was cut to fit: (tokens before, after)
 
     @property
     def key(self) -> tuple:

@@ -10,6 +10,7 @@ import logging
 import math
 
 from ..collector import BatchCollector, collect
+from ..memory import batch_bytes
 from ..processor import BatchProcessor
 from ..request import Result
 from . import EngineError, on_gpu, token_ids
@@ -117,7 +118,8 @@ class HFEngine:
         from ..plugins import pm
 
         if not request.memory:
-            request.memory = pm.hook.vlm_batch_estimate_memory(card=self.card, request=request)
+            kv = pm.hook.vlm_batch_estimate_memory(card=self.card, request=request)
+            request.memory = batch_bytes(self.card, request, kv)
         return request
 
     def collector(self) -> BatchCollector:

@@ -157,9 +157,28 @@ def vlm_batch_generate(card, engine, requests):
     return generate(engine, requests, stop_tokens=END_OF_TURN)
 
 
-@hookimpl
-def vlm_batch_image_tokens(card, width, height):
-    if card.family != FAMILY:
-        return None
+def image_tokens(card, width, height) -> int:
     # Every image is resized to one square: a fixed count, plus "\n\n<boi>" and "<eoi>\n\n".
     return card.options["image_tokens"] + 4
+
+
+def spans(cfg: dict) -> list:
+    """5 of every 6 layers keep a sliding window (1024 tokens in Gemma 3) and the 6th keeps all; configs
+    saved before `layer_types` existed say so with `sliding_window_pattern`."""
+    from vlm_batch.memory import FULL, layer_spans, text_config
+
+    t = text_config(cfg)
+    if t.get("layer_types"):
+        return layer_spans(cfg)
+    every = int(t.get("sliding_window_pattern") or 6)
+    window = int(t.get("sliding_window") or 1024)
+    return [FULL if (i + 1) % every == 0 else window for i in range(int(t["num_hidden_layers"]))]
+
+
+@hookimpl
+def vlm_batch_estimate_memory(card, request):
+    if card.family != FAMILY:
+        return None
+    from vlm_batch.memory import estimate_kv, model_config
+
+    return estimate_kv(card, request, image_tokens, spans(model_config(card)))

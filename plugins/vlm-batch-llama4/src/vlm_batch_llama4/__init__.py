@@ -122,10 +122,30 @@ def vlm_batch_generate(card, engine, requests):
     return generate(engine, requests, stop_tokens=STOPS, clean=lambda request, text: strip_eot(text))
 
 
+def spans(cfg: dict) -> list:
+    """Layers with RoPE attend within chunks (8192 tokens in Llama 4); every 4th layer, without RoPE,
+    attends to all (`no_rope_layers`: 1 where a layer has RoPE)."""
+    from vlm_batch.memory import FULL, layer_spans, text_config
+
+    t = text_config(cfg)
+    if t.get("layer_types"):
+        return layer_spans(cfg)
+    n, every = int(t["num_hidden_layers"]), int(t.get("no_rope_layer_interval") or 4)
+    rope = t.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n)]
+    chunk = int(t.get("attention_chunk_size") or 8192)
+    return [chunk if r else FULL for r in rope]
+
+
 @hookimpl
-def vlm_batch_image_tokens(card, width, height):
+def vlm_batch_estimate_memory(card, request):
     if card.family != FAMILY:
         return None
+    from vlm_batch.memory import estimate_kv, model_config
+
+    return estimate_kv(card, request, image_tokens, spans(model_config(card)))
+
+
+def image_tokens(card, width, height) -> int:
     o = card.options
     per_tile = (o["tile"] // o["patch"]) ** 2 * o["shuffle"] ** 2
     # Tiles cover the image (at most max_tiles); several tiles get a separator each and a global view

@@ -134,9 +134,15 @@ def _hf_batch(engine, requests):
 
 
 @hookimpl
-def vlm_batch_image_tokens(card, width, height):
+def vlm_batch_estimate_memory(card, request):
     if card.family != FAMILY:
         return None
+    from vlm_batch.memory import estimate_kv
+
+    return estimate_kv(card, request, image_tokens)   # every layer full attention; images by their crops
+
+
+def image_tokens(card, width, height) -> int:
     # As Molmo's processor (and vLLM's count of it): a global 12x12 view with column markers, plus
     # the crops' pooled patches; crops tile the image in 224-px windows, at most max_crops of them.
     inner = CROP // PATCH - 2 * MARGIN                      # patches a crop adds beyond its margins

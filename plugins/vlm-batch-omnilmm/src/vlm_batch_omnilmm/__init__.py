@@ -208,10 +208,29 @@ def _omnilmm_batch(engine, requests):
     return results
 
 
+def linear_state_bytes(cfg: dict) -> int:
+    """What one linear-attention (gated delta net) layer keeps, whatever the length: its causal-conv
+    window over the q, k and v projections and its recurrent state per value head."""
+    from vlm_batch.memory import dtype_bytes, text_config
+
+    t = text_config(cfg)
+    keys, values = t["linear_num_key_heads"] * t["linear_key_head_dim"], t["linear_num_value_heads"] * t["linear_value_head_dim"]
+    conv = (2 * keys + values) * t.get("linear_conv_kernel_dim", 4)
+    recurrent = t["linear_num_value_heads"] * t["linear_key_head_dim"] * t["linear_value_head_dim"]
+    return (conv + recurrent) * dtype_bytes(cfg)
+
+
 @hookimpl
-def vlm_batch_image_tokens(card, width, height):
+def vlm_batch_estimate_memory(card, request):
     if card.family != FAMILY or card.options["kind"] != "minicpmv":
-        return None
+        return None   # OmniLMM: the core's default (every layer full attention)
+    from vlm_batch.memory import estimate_kv, model_config
+
+    cfg = model_config(card)
+    return estimate_kv(card, request, image_tokens, state_bytes=linear_state_bytes(cfg))
+
+
+def image_tokens(card, width, height) -> int:
     # MiniCPM-V 4.6: a 448-px overview plus up to 9 slices, 64 tokens each after the 16x merge, with markers.
     slices = min(9, max(0, round(width * height / (448 * 448)))) if width * height > 448 * 448 else 0
     return (1 + slices) * 66 + 4

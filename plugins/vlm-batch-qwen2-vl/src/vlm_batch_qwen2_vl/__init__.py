@@ -124,9 +124,16 @@ def vlm_batch_prepare(card, message, dataset):
 
 
 @hookimpl
-def vlm_batch_image_tokens(card, width, height):
+def vlm_batch_estimate_memory(card, request):
     if card.family != FAMILY:
         return None
+    from vlm_batch.memory import estimate_kv
+
+    return estimate_kv(card, request, image_tokens)   # every layer full attention
+
+
+def image_tokens(card, width, height) -> int:
+    """Dynamic resolution: the image resized to whole 28-px cells within the pixel bounds, a token each."""
     from qwen_vl_utils import smart_resize
 
     pixels = card.options
