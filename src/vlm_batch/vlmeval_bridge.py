@@ -6,12 +6,14 @@ construction; this module only decides which of its pieces to call, as `infer_da
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import os.path as osp
 import warnings
 
 from . import sample_data
+from .request import item_key
 
 DEFAULT_JUDGE = "exact_matching"
 MAX_WORLD_SIZE = 64
@@ -89,8 +91,9 @@ def load_dataset(name: str, limit: int | None = None, kind: str | None = None):
     from vlmeval.dataset import build_dataset
 
     tsv = sample_data.lmudata_root() / f"{name}.tsv"
+    bad: dict = {}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), rows_set_aside(bad):
             warnings.simplefilter("ignore")
             dataset = build_dataset(name)
     except Exception as exc:
@@ -98,6 +101,7 @@ def load_dataset(name: str, limit: int | None = None, kind: str | None = None):
     if dataset is None:
         raise DatasetError(f"Could not load dataset '{name}' from {tsv}: VLMEvalKit rejected the file "
                            "(it needs at least a `question` column)")
+    dataset.bad_rows = bad   # each fails alone, when its prompt is built
     if limit:
         dataset.data = dataset.data.iloc[:limit]
     return dataset
@@ -151,6 +155,87 @@ class ItemError(ValueError):
     """This row cannot be asked; the cause is in the message."""
 
 
+# Stands in, while VLMEvalKit loads the file, for an image field it would reject for the whole file.
+_PLACEHOLDER = None
+
+
+def _placeholder() -> str:
+    global _PLACEHOLDER
+    if _PLACEHOLDER is None:
+        from PIL import Image
+
+        _PLACEHOLDER = sample_data.encode(Image.new("RGB", (8, 8)))
+    return _PLACEHOLDER
+
+
+def bad_image_fields(data) -> dict:
+    """Rows whose image field VLMEvalKit's loader would reject for the whole file, with the cause.
+
+    An image field of 64 characters or fewer is, to VLMEvalKit, the index of another row whose image
+    it shares (it asserts, with no message, that the row exists); a field in brackets is a list it
+    reads with `eval`, which must not run code from a data file; an empty field drops the row.
+    """
+    import ast
+
+    import pandas as pd
+
+    images = {str(i): v for i, v in zip(data["index"], data["image"])}
+    bad = {}
+    for index, value in images.items():
+        text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
+        if not text or text == "nan":
+            bad[index] = "its image field is empty"
+        elif text.startswith("[") and text.endswith("]"):
+            try:
+                parts = ast.literal_eval(text)
+                ok = isinstance(parts, list) and parts and all(isinstance(p, str) and len(p) > 64 for p in parts)
+            except (ValueError, SyntaxError):
+                ok = False
+            if not ok:
+                bad[index] = "its image field is not a list of base64 images"
+        elif len(text) <= 64:
+            target = images.get(text)
+            if target is None or len(str(target).strip()) <= 64:
+                bad[index] = (f"its image field ({text[:20]!r}) is neither base64 nor the index of a row that "
+                              "has an image")
+    return bad
+
+
+@contextlib.contextmanager
+def rows_set_aside(bad: dict):
+    """While VLMEvalKit loads a TSV, rows it would reject for the whole file get a placeholder
+    image; `bad` gets their indices and causes, and those rows fail alone."""
+    from vlmeval.dataset.image_base import ImageBaseDataset
+
+    original = ImageBaseDataset.__init__
+
+    def checked(load):
+        def load_data(dataset):
+            data = load(dataset)
+            if "image" in data and "index" in data:
+                found = bad_image_fields(data)
+                if found:
+                    data = data.copy()
+                    data["image"] = [_placeholder() if str(i) in found else v
+                                     for i, v in zip(data["index"], data["image"])]
+                    bad.update({item_key(i): c for i, c in found.items()})
+            return data
+        return load_data
+
+    def __init__(self, *args, **kwargs):   # every image dataset class loads its file through here
+        self.load_data = checked(self.load_data)
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            self.__dict__.pop("load_data", None)
+
+    ImageBaseDataset.__init__ = __init__
+    try:
+        yield bad
+    finally:
+        ImageBaseDataset.__init__ = original
+
+
 def _guarded(build, dataset):
     """`build` with clear per-row errors, and odd-but-valid images converted where VLMEvalKit fails.
 
@@ -158,7 +243,11 @@ def _guarded(build, dataset):
     PNG cannot hold (CMYK) make that fail. We then write the file ourselves, as RGB, at the path
     VLMEvalKit uses, and build again: the prompt stays exactly VLMEvalKit's.
     """
+    bad = getattr(dataset, "bad_rows", {})
+
     def build_row(line):
+        if bad and item_key(line["index"]) in bad:
+            raise ItemError(bad[item_key(line["index"])])
         question = line.get("question") if hasattr(line, "get") else None
         if "question" in line and (question is None or str(question).strip() in ("", "nan")):
             raise ItemError("empty question")
