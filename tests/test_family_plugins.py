@@ -25,7 +25,7 @@ def listing(output: str) -> dict:
 
 
 def test_models_lists_every_family_with_its_engines():
-    result = CliRunner().invoke(cli, ["models"])
+    result = CliRunner().invoke(cli, ["models", "--all"])
     assert result.exit_code == 0, result.output
     lines = listing(result.output)
     for plugin, (names, engines) in FAMILIES.items():

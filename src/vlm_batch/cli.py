@@ -19,12 +19,17 @@ def _fail(message: str) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Our own messages at INFO (DEBUG with --verbose); other libraries' only when they matter."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    """Our own messages at INFO (DEBUG with --verbose); other libraries' only when they matter:
+    their INFO (vLLM's before it configures its own logging) and start-up notices only with --verbose."""
+    from .quiet import quiet
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
                         if verbose else "%(levelname)s: %(message)s")
     logging.getLogger("vlm_batch").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("vlmeval", "httpx", "urllib3", "PIL", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    quiet(verbose)
 
 
 def _resolve_model(name: str | None):
@@ -280,19 +285,23 @@ def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_
 
 
 @cli.command()
-def models():
-    """Every model name, the plugin serving it and its engines."""
+@click.option("--all", "show_all", is_flag=True, help="Also the tiny models the plugins' tests run.")
+def models(show_all):
+    """Every model name, the plugin serving it and its engines (test-only models with --all)."""
     from .plugins import get_models
 
     cards = get_models()
     if not cards:
         click.echo("No models: install a model plugin (see the README).")
         return
-    width = max(len(n) for n in cards)
-    for name in sorted(cards):
-        card = cards[name]
-        extra = " (demo)" if card.demo else ""
+    shown = {name: card for name, card in cards.items() if show_all or not card.test_only}
+    width = max((len(n) for n in shown), default=0)
+    for name in sorted(shown):
+        card = shown[name]
+        extra = " (demo)" if card.demo else " (test model)" if card.test_only else ""
         click.echo(f"{name:<{width}}  {card.plugin}  engines: {', '.join(card.engines)}{extra}")
+    if len(shown) < len(cards):
+        click.echo(f"({len(cards) - len(shown)} test models not shown: --all lists them)")
 
 
 @cli.command()

@@ -23,6 +23,7 @@ class ModelCard:
     options: Mapping[str, Any] = field(default_factory=dict)  # plugin-private facts (pixels, limits)
     description: str = ""
     demo: bool = False                       # the embedded default `vlm-batch eval` runs with no --model
+    test_only: bool = False                  # a tiny model for tests: `vlm-batch models` shows it with --all
     plugin: str = ""                         # filled in by the plugin manager
 
     @property

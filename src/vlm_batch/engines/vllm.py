@@ -222,6 +222,7 @@ class VLLMEngine:
         cpu = not on_gpu()
         self.card = card
         self.args = {k: v for k, v in args.items() if k not in ("model", "distributed_executor_backend")}
+        args.setdefault("use_tqdm_on_load", verbose)   # its weight-loading bar ignores TQDM_DISABLE
         try:
             with _engine_threads(cpu), _engine_process_from_forkserver():
                 self.llm = LLM(**args)

@@ -137,7 +137,7 @@ def vlm_batch_models():
               hf_class="Gemma3ForConditionalGeneration",
               options={"system": SYSTEM, "max_images": 4, "image_tokens": TINY_IMAGE_TOKENS},
               vllm_args={"max_model_len": 1024, "limit_mm_per_prompt": {"image": 4}},
-              description="random-weight Gemma 3 built locally, for tests"),
+              description="random-weight Gemma 3 built locally, for tests", test_only=True),
     ]
 
 

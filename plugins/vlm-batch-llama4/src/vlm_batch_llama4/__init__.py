@@ -103,7 +103,7 @@ def vlm_batch_models():
                   vlmeval_name="Llama-4-Scout-17B-16E-Instruct", max_new_tokens=12,
                   hf_class="Llama4ForConditionalGeneration", options={"max_images": 4, **TINY_IMAGES},
                   vllm_args={"max_model_len": 2048, "limit_mm_per_prompt": {"image": 4}},
-                  description="random-weight Llama 4 built locally, for tests"),
+                  description="random-weight Llama 4 built locally, for tests", test_only=True),
     ]
 
 

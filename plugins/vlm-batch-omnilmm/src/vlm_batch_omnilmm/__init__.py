@@ -132,7 +132,7 @@ def vlm_batch_models():
                   options={"kind": "minicpmv", "max_images": 4},
                   vllm_args={"max_model_len": 2048, "limit_mm_per_prompt": {"image": 4}},
                   vllm_cpu_args=CPU_BF16,
-                  description="random-weight MiniCPM-V 4.6 built locally, for tests"),
+                  description="random-weight MiniCPM-V 4.6 built locally, for tests", test_only=True),
     ]
 
 
