@@ -12,4 +12,4 @@ def vlm_batch_generate(card, engine, requests):
 def vlm_batch_estimate_memory(card, request):
     from .memory import estimate_kv
 
-    return estimate_kv(card, request)   # what the config says its layers keep; ViT-patch images
+    return estimate_kv(card, request)   # every layer full attention; ViT-patch images

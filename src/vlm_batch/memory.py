@@ -1,9 +1,10 @@
 """How many bytes a request needs, and how many requests fit in a batch.
 
 A request's KV: per layer, KV heads x head dim x 2 x dtype size for each token the layer keeps,
-over the tokens a request holds at its longest (text + image tokens + new tokens). What a layer
-keeps comes from the config's `layer_types` (full, sliding window, chunked, linear attention);
-families add what their configs do not say, and how their processors count image tokens.
+over the tokens a request holds at its longest (text + image tokens + new tokens). The default
+counts every layer as full attention and images as ViT patches; a family says what its layers keep
+(`spans`: all tokens, a sliding or chunked window, or a linear-attention state of fixed size) and
+how its processor counts image tokens. Activations are added where batches are sized (`batch_bytes`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "int8": 1
 
 @functools.lru_cache(maxsize=32)
 def _read_config(path: str) -> dict:
+    """The checkpoint's config with transformers' defaults filled in where it knows the architecture:
+    hub configs often name only what differs from them (a text_config without head counts, no
+    `layer_types` in configs saved before it existed). Remote-code architectures: config.json as it is."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict()
+    except (ValueError, KeyError, OSError, ImportError):
+        pass
     local = os.path.join(path, "config.json")
     if not os.path.exists(local):
         from huggingface_hub import hf_hub_download
@@ -35,8 +45,8 @@ def model_config(card) -> dict:
 def text_config(cfg: dict) -> dict:
     """The language model's part of a multimodal config, wherever the family keeps it."""
     for key in ("text_config", "llm_config", "language_config"):
-        if isinstance(cfg.get(key), dict):
-            return {**cfg, **cfg[key]}
+        if isinstance(cfg.get(key), dict):   # a None there is unset (the dtype lives on the outer config)
+            return {**cfg, **{k: v for k, v in cfg[key].items() if v is not None}}
     return cfg
 
 
@@ -69,7 +79,8 @@ FULL, LINEAR = None, 0
 
 
 def layer_spans(cfg: dict) -> list:
-    """Per layer, the most tokens it keeps KV for: FULL, a window, or LINEAR (a fixed state)."""
+    """Per layer, the tokens it attends to: FULL, a window, or LINEAR (a fixed state), as the config's
+    `layer_types` say; for families whose configs say it (the default does not read them)."""
     t = text_config(cfg)
     kinds = t.get("layer_types") or ["full_attention"] * _layers(t)
     span = {"sliding_attention": t.get("sliding_window"), "chunked_attention": t.get("attention_chunk_size"),
@@ -79,10 +90,11 @@ def layer_spans(cfg: dict) -> list:
 
 def kv_bytes(cfg: dict, tokens: int, spans: list | None = None, state_bytes: int = 0,
              dtype: str | None = None) -> int:
-    """KV bytes of a sequence of `tokens`: each layer keeps min(tokens, its span), and each linear
-    layer `state_bytes` of its own whatever the length."""
-    spans = layer_spans(cfg) if spans is None else spans
-    kept = sum(tokens if s is FULL else min(tokens, s) for s in spans if s is not LINEAR)
+    """KV bytes of a sequence of `tokens`: a full layer keeps them all (`spans` None: every layer
+    full), a layer attending to a window of W (sliding or chunked) the last W - 1 between steps, as
+    transformers' DynamicSlidingWindowLayer does, and each linear layer `state_bytes` of its own."""
+    spans = [FULL] * _layers(text_config(cfg)) if spans is None else spans
+    kept = sum(tokens if s is FULL else min(tokens, s - 1) for s in spans if s is not LINEAR)
     return kept * _per_layer_token(cfg, dtype) + state_bytes * sum(1 for s in spans if s is LINEAR)
 
 

@@ -210,27 +210,52 @@ def _omnilmm_batch(engine, requests):
 
 def linear_state_bytes(cfg: dict) -> int:
     """What one linear-attention (gated delta net) layer keeps, whatever the length: its causal-conv
-    window over the q, k and v projections and its recurrent state per value head."""
+    window over the q, k and v projections (model dtype) and its recurrent state per value head (float32
+    whatever the model's dtype: transformers' gated delta rule computes it in float32 and keeps it so)."""
     from vlm_batch.memory import dtype_bytes, text_config
 
     t = text_config(cfg)
     keys, values = t["linear_num_key_heads"] * t["linear_key_head_dim"], t["linear_num_value_heads"] * t["linear_value_head_dim"]
     conv = (2 * keys + values) * t.get("linear_conv_kernel_dim", 4)
     recurrent = t["linear_num_value_heads"] * t["linear_key_head_dim"] * t["linear_value_head_dim"]
-    return (conv + recurrent) * dtype_bytes(cfg)
+    return conv * dtype_bytes(cfg) + recurrent * 4
 
 
 @hookimpl
 def vlm_batch_estimate_memory(card, request):
-    if card.family != FAMILY or card.options["kind"] != "minicpmv":
-        return None   # OmniLMM: the core's default (every layer full attention)
-    from vlm_batch.memory import estimate_kv, model_config
+    if card.family != FAMILY:
+        return None
+    from vlm_batch.memory import estimate_kv, layer_spans, model_config
 
-    cfg = model_config(card)
-    return estimate_kv(card, request, image_tokens, state_bytes=linear_state_bytes(cfg))
+    if card.options["kind"] == "omnilmm":   # every layer full attention
+        return estimate_kv(card, request, omnilmm_image_tokens)
+    cfg = model_config(card)   # Qwen3.5 layers: linear attention (a fixed state) and full attention
+    return estimate_kv(card, request, image_tokens, layer_spans(cfg), linear_state_bytes(cfg))
+
+
+def omnilmm_image_tokens(card, width, height) -> int:
+    """OmniLMM resamples every image into the config's `num_query` tokens whatever its size, framed by
+    <im_start> and <im_end> and followed by a newline (as `_omnilmm_batch` writes them)."""
+    from vlm_batch.memory import model_config
+
+    return int(model_config(card).get("num_query") or 64) + 3
 
 
 def image_tokens(card, width, height) -> int:
-    # MiniCPM-V 4.6: a 448-px overview plus up to 9 slices, 64 tokens each after the 16x merge, with markers.
-    slices = min(9, max(0, round(width * height / (448 * 448)))) if width * height > 448 * 448 else 0
-    return (1 + slices) * 66 + 4
+    """MiniCPM-V's slices, sized by the checkpoint's own image processor (448-px slices, at most 9, in
+    MiniCPM-V 4.6): an overview of the whole image between <image> and </image>, and when the image is
+    larger than one slice a grid of slices, each between <slice> and </slice>, rows split by a newline;
+    a token per 16 patches (4 in "4x" mode), an <image_id>N</image_id> tag in front."""
+    ip = _chat_template(card.path()).image_processor
+    patch, size = ip.patch_size, ip.scale_resolution
+
+    def tokens(h, w):
+        return (h // patch) * (w // patch) // (4 if ip.downsample_mode == "4x" else 16) + 2
+
+    grid = ip.get_sliced_grid((height, width), ip.max_slice_nums, size) if ip.slice_mode else None
+    count = tokens(*ip.find_best_resize((height, width), size, patch, allow_upscale=grid is None))
+    if grid:
+        rows, cols = grid
+        h, w = ip.get_refine_size((height, width), grid, size, patch, allow_upscale=True)
+        count += rows * cols * tokens(h // rows, w // cols) + rows - 1
+    return count + (3 if ip.use_image_id else 0)
