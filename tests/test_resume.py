@@ -65,12 +65,12 @@ class Counting:
     def __init__(self, engine):
         self.engine, self.asked, self.name = engine, [], engine.name
 
-    def generate(self, requests):
+    def generate(self, requests, **options):
         def counted():
             for r in requests:
                 self.asked.append(r.index)
                 yield r
-        return self.engine.generate(counted())
+        return self.engine.generate(counted(), **options)
 
 
 @pytest.mark.engine

@@ -162,7 +162,8 @@ def test_two_models_from_a_config_one_after_another(tiny_card, three, tmp_path):
 def test_a_model_whose_engine_cannot_start_is_reported_and_the_next_runs(tiny_card, three, tmp_path):
     config = tmp_path / "suite.json"
     config.write_text(json.dumps({
-        "model": {"tiny-broken": {"model": tiny_card.name, "max_model_len": 10**7},   # beyond its positions
+        "model": {"tiny-broken": {"model": tiny_card.name, "max_model_len": 10**7,   # beyond its positions
+                                        "engine": "vllm"},                  # asked for: no fallback
                   tiny_card.name: {"engine": "hf"}},
         "data": {three[0]: {}}}))
     result = CliRunner().invoke(cli, ["eval", "--config", str(config), "--work-dir", str(tmp_path)])
