@@ -74,6 +74,56 @@ def assert_prompt_parity(card, vlmeval_model, lmudata, tmp_path, n: int = 12, na
     return ours
 
 
+# Local TSVs of the other kinds, made datasets of VLMEvalKit's class for the kind (as --kind does).
+KIND_SETS = {"yorn": ("ParityYesNo", "yn_rows"), "vqa": ("ParityOpen", "vqa_rows"),
+             "multi": ("ParityMultiImage", "multi_rows")}
+
+
+def kind_dataset(lmudata, kind: str, n: int = 8) -> str:
+    """A Y/N, open-answer or multi-image dataset of `n` sample rows, registered as its kind's class."""
+    from vlm_batch import sample_data
+
+    name, make = KIND_SETS[kind]
+    write_dataset(lmudata, name, getattr(sample_data, make)(n, seed=40 + n))
+    vlmeval_bridge.load_dataset(name, kind="mcq" if kind == "multi" else kind)
+    return name
+
+
+def assert_kind_parity(card, vlmeval_model, lmudata, tmp_path, kind: str, n: int = 8) -> list:
+    """Our messages for Y/N, open-answer or multi-image rows equal VLMEvalKit's loop's; returns them."""
+    name = kind_dataset(lmudata, kind, n)
+    expected = vlmeval_messages(vlmeval_model, name, tmp_path, card.prompt_name)
+    ours = our_messages(card, name)
+    assert len(expected) == len(ours) == n
+    assert ours == expected
+    if kind == "multi":
+        assert all(sum(p["type"] == "image" for p in m) in (2, 3) for m in ours)
+    return ours
+
+
+def _looks(image):
+    import numpy as np
+
+    return np.asarray(image.convert("RGB").resize((16, 16))).astype(float)
+
+
+def assert_multi_image_requests(card, lmudata, limit: int, n: int = 8) -> None:
+    """Multi-image rows reach the request with their first `limit` images, in the row's order."""
+    from vlm_batch.images import open_rgb
+
+    name = kind_dataset(lmudata, "multi", n)
+    dataset = vlmeval_bridge.load_dataset(name)
+    build = vlmeval_bridge.prompt_builder(card, dataset)
+    for _, row in dataset.data.iterrows():
+        message = build(row)
+        request = prepare_request(card, message, name)
+        given = [open_rgb(p["value"]) for p in message if p["type"] == "image"]
+        assert len(request.images) == min(limit, len(given)), (row["index"], len(request.images))
+        for got, want in zip(request.images, given):   # each image is the one in its place, not another
+            distances = [abs(_looks(got) - _looks(other)).mean() for other in given]
+            assert min(distances) == distances[given.index(want)] < 12, (row["index"], distances)
+
+
 def requests_for(card, name: str, n: int | None = None) -> list:
     """Engine requests for the first `n` rows of dataset `name`, as the runner prepares them."""
     dataset = vlmeval_bridge.load_dataset(name, n)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from family_helpers import (MMB, assert_batched_equals_alone, assert_eval_through_engine,
+from family_helpers import (MMB, assert_kind_parity, assert_multi_image_requests, assert_batched_equals_alone, assert_eval_through_engine,
                             assert_prompt_parity, cli_eval, requests_for, stub_loader)
 from helpers import mmbench_rows, write_dataset
 from vlm_batch.plugins import get_model
@@ -113,3 +113,12 @@ def test_cli_eval_on_transformers_batched_equals_one_at_a_time(card, data_name, 
         engine.close()
     assert predictions == alone
     assert len(set(alone.values())) >= 3
+
+
+@pytest.mark.parametrize("kind", ["yorn", "vqa", "multi"])
+def test_messages_of_every_kind_equal_vlmevalkit_loop(card, vlmeval_gemma3, lmudata, tmp_path, kind):
+    assert_kind_parity(card, vlmeval_gemma3, lmudata, tmp_path, kind)
+
+
+def test_multi_image_rows_reach_the_request_as_vlmevalkit_limits_them(card, lmudata):
+    assert_multi_image_requests(card, lmudata, limit=card.options["max_images"])

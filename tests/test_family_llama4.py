@@ -2,7 +2,7 @@
 
 import pytest
 
-from family_helpers import (MMB, assert_batched_equals_alone, assert_eval_through_engine,
+from family_helpers import (MMB, assert_kind_parity, assert_multi_image_requests, assert_batched_equals_alone, assert_eval_through_engine,
                             assert_prompt_parity, cli_eval, recording, requests_for, stub_loader)
 from helpers import mmbench_rows, write_dataset
 from vlm_batch.plugins import get_model
@@ -130,3 +130,12 @@ def test_cli_eval_on_transformers_cpu(data_name, tmp_path):
     result, predictions = cli_eval("tiny-llama4", data_name, tmp_path, "hf", 4)
     assert result.exit_code == 0, result.output
     assert "items 4: generated 4, resumed 0, failed 0" in result.output, result.output
+
+
+@pytest.mark.parametrize("kind", ["yorn", "vqa", "multi"])
+def test_messages_of_every_kind_equal_vlmevalkit_loop(card, vlmeval_llama4, lmudata, tmp_path, kind):
+    assert_kind_parity(card, vlmeval_llama4, lmudata, tmp_path, kind)
+
+
+def test_multi_image_rows_reach_the_request_as_vlmevalkit_limits_them(card, lmudata):
+    assert_multi_image_requests(card, lmudata, limit=card.options["max_images"])

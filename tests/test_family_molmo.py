@@ -7,7 +7,7 @@ request that would be sent is checked against VLMEvalKit's own input and vLLM's 
 
 import pytest
 
-from family_helpers import MMB, assert_prompt_parity, prepare_request, recording, stub_loader
+from family_helpers import MMB, assert_kind_parity, assert_multi_image_requests, assert_prompt_parity, prepare_request, recording, stub_loader
 from helpers import mmbench_rows, write_dataset
 from vlm_batch import vlmeval_bridge
 from vlm_batch.plugins import get_model
@@ -108,3 +108,12 @@ def test_image_tokens_follow_molmo_crops(card):
         return image_tokens(card, w, h)
 
     assert tokens(112, 112) == tokens(336, 336) < tokens(1000, 700) < tokens(4000, 3000)
+
+
+@pytest.mark.parametrize("kind", ["yorn", "vqa", "multi"])
+def test_messages_of_every_kind_equal_vlmevalkit_loop(card, vlmeval_molmo, lmudata, tmp_path, kind):
+    assert_kind_parity(card, vlmeval_molmo, lmudata, tmp_path, kind)
+
+
+def test_multi_image_rows_reach_the_request_as_vlmevalkit_limits_them(card, lmudata):
+    assert_multi_image_requests(card, lmudata, limit=1)

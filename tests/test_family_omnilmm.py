@@ -2,7 +2,8 @@
 
 import pytest
 
-from family_helpers import (MMB, assert_batched_equals_alone, assert_eval_through_engine, assert_prompt_parity,
+from family_helpers import (MMB, assert_batched_equals_alone, assert_eval_through_engine, assert_kind_parity,
+                            assert_multi_image_requests, assert_prompt_parity,
                             cli_eval, our_messages, prepare_request, recording, requests_for)
 from helpers import mmbench_rows, write_dataset
 from vlm_batch import vlmeval_bridge
@@ -146,3 +147,26 @@ def test_cli_eval_on_transformers_batched_equals_one_at_a_time(card, data_name, 
         engine.close()
     assert predictions == alone
     assert len(set(alone.values())) >= 2
+
+
+@pytest.mark.parametrize("kind", ["yorn", "vqa", "multi"])
+def test_messages_of_every_kind_equal_vlmevalkit_loop(omnilmm, vlmeval_omnilmm, lmudata, tmp_path, kind):
+    assert_kind_parity(omnilmm, vlmeval_omnilmm, lmudata, tmp_path, kind)
+
+
+def test_multi_image_rows_reach_the_request_as_vlmevalkit_limits_them(omnilmm, lmudata):
+    assert_multi_image_requests(omnilmm, lmudata, limit=1)
+
+
+@pytest.mark.parametrize("kind", ["yorn", "vqa", "multi"])
+def test_minicpm_messages_of_every_kind_are_the_dataset_prompt(lmudata, kind):
+    from family_helpers import kind_dataset
+
+    name = kind_dataset(lmudata, kind)
+    dataset = vlmeval_bridge.load_dataset(name)
+    expected = [dataset.build_prompt(dataset.data.iloc[i]) for i in range(len(dataset.data))]
+    assert our_messages(get_model("MiniCPM-V-4_6"), name) == expected
+
+
+def test_minicpm_multi_image_rows_reach_the_request_with_every_image(card, lmudata):
+    assert_multi_image_requests(card, lmudata, limit=card.options["max_images"])

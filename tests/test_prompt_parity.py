@@ -61,3 +61,15 @@ def test_real_qwen2_vl_cards_use_vlmevalkit_pixels():
         card, entry = get_model(name), supported_VLM[name]
         assert card.checkpoint == entry.keywords["model_path"]
         assert card.options == {k: entry.keywords[k] for k in ("min_pixels", "max_pixels")}
+
+
+@pytest.mark.parametrize("kind", ["yorn", "vqa", "multi"])
+def test_messages_of_every_kind_equal_vlmevalkit_loop(lmudata, tmp_path, vlmeval_qwen, tiny_card, kind):
+    from family_helpers import kind_dataset
+
+    name = kind_dataset(lmudata, kind)
+    expected = vlmeval_messages(vlmeval_qwen, vlmeval_bridge.load_dataset(name), tmp_path)
+    dataset = vlmeval_bridge.load_dataset(name)
+    build = vlmeval_bridge.prompt_builder(tiny_card, dataset)
+    ours = [build(dataset.data.iloc[i]) for i in range(len(dataset.data))]
+    assert len(ours) == 8 and ours == expected

@@ -81,6 +81,9 @@ def cli():
               help="VLMEvalKit model names, one engine each, one after another; default: the embedded demo model.")
 @click.option("--dataset", "--data", "datasets", cls=Names, metavar="NAME [NAME ...]",
               help=f"VLMEvalKit dataset names, or $LMUData/<name>.tsv files' names; default: {SAMPLE_DATASET}.")
+@click.option("--kind", type=click.Choice(["mcq", "yorn", "vqa"]),
+              help="Load local $LMUData/<name>.tsv datasets as VLMEvalKit datasets of this kind (multiple "
+                   "choice, Yes/No, open answer), prompted and scored by that class; as a config's `class`.")
 @click.option("--config", "config", type=click.Path(dir_okay=False),
               help="A VLMEvalKit-style JSON of models (with overrides) and datasets, instead of --model/--dataset.")
 @click.option("--work-dir", default="./outputs", show_default=True,
@@ -120,7 +123,7 @@ def cli():
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0),
               help="GPUs each replica holds with --ray; default: --tp on GPU machines, 0 otherwise.")
 @click.option("-v", "--verbose", is_flag=True, help="Engine logs, batch statistics and phase times.")
-def eval_command(models, datasets, config, work_dir, mode, rerun, wait, judge, engine, use_vllm, batch_size,
+def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, judge, engine, use_vllm, batch_size,
                  max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, truncate, tp, use_ray,
                  ray_address, replicas, gpus_per_replica, verbose):
     """Evaluate models on datasets; with no options, the embedded demo on the sample set.
@@ -167,7 +170,8 @@ def eval_command(models, datasets, config, work_dir, mode, rerun, wait, judge, e
             plan = from_config(config, engine=engine)
         else:
             demo = next((c for c in get_models().values() if c.demo), None)
-            plan = from_names(list(models), list(datasets) or [SAMPLE_DATASET], engine=engine, demo=demo)
+            plan = from_names(list(models), list(datasets) or [SAMPLE_DATASET], engine=engine, demo=demo,
+                              kind=kind)
         check_engines(plan, options, mode, tp)
     except (PlanError, DatasetError) as exc:
         _fail(str(exc))

@@ -1,4 +1,9 @@
-"""`VLMBatchShapes`: a small MCQ set of drawn shapes, written as a VLMEvalKit TSV on first use.
+"""The sample sets: drawn shapes, written as VLMEvalKit TSVs on first use, one per dataset kind.
+
+- `VLMBatchShapes`: multiple choice, one image ("What shape is shown in the image?" A-D);
+- `VLMBatchShapesYN`: Yes/No ("Is the shape red?"), a VLMEvalKit Y/N dataset;
+- `VLMBatchShapesVQA`: open answer ("What colour is the shape in the image?" -> "red"), VQA;
+- `VLMBatchShapesMulti`: multiple choice over 2-3 images in a row ("Which image shows a circle?").
 
 Generated from a seed, so the demo and the tests need no download and get the same rows everywhere.
 """
@@ -14,6 +19,7 @@ import string
 from pathlib import Path
 
 NAME = "VLMBatchShapes"
+YN, VQA, MULTI = "VLMBatchShapesYN", "VLMBatchShapesVQA", "VLMBatchShapesMulti"
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20),
@@ -80,8 +86,74 @@ def items(n: int = 160, seed: int = 0, n_options: int = 4):
     return out
 
 
+def yn_rows(n: int = 160, seed: int = 0):
+    """Yes/No rows, half of each: the colour or shape asked about is the one drawn, or another."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        yes = i % 4 < 2
+        if i % 2 == 0:
+            asked = shape if yes else rng.choice([s for s in SHAPES if s != shape])
+            question = f"Is the shape in the image a {asked}?"
+        else:
+            asked = colour if yes else rng.choice([c for c in COLOURS if c != colour])
+            question = f"Is the shape in the image {asked}?"
+        out.append({"index": i, "image": encode(draw(shape, colour, rng)), "question": question,
+                    "answer": "Yes" if yes else "No", "category": "shape" if i % 2 == 0 else "colour"})
+    return out
+
+
+ANNOTATORS = 10
+
+
+def vqa_rows(n: int = 160, seed: int = 0):
+    """Open-answer rows: the drawn shape or colour, in one word. The answer column holds ten
+    annotators' answers, as TextVQA's does: VLMEvalKit's default VQA score counts a prediction
+    correct when at least three of the other annotators gave it, so a single answer never scores."""
+    return [{"index": row["index"], "image": row["image"], "question": row["question"],
+             "answer": str([shape if row["category"] == "shape" else colour] * ANNOTATORS),
+             "category": row["category"]}
+            for row, shape, colour in items(n, seed)]
+
+
+def first_answer(answer: str) -> str:
+    """The answer a row's first annotator gave (a VQA row's list, or the answer itself)."""
+    import ast
+
+    try:
+        value = ast.literal_eval(answer)
+    except (ValueError, SyntaxError):
+        return answer
+    return str(value[0]) if isinstance(value, list) and value else answer
+
+
+def multi_rows(n: int = 160, seed: int = 0):
+    """Multiple choice over 2 or 3 images of different shapes: which one shows the shape asked for."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = 2 + i % 2
+        shapes = rng.sample(SHAPES, k)
+        target = rng.randrange(k)
+        images = [encode(draw(s, rng.choice(list(COLOURS)), rng)) for s in shapes]
+        row = {"index": i, "image": str(images), "question": f"Which image shows a {shapes[target]}?"}
+        row.update({string.ascii_uppercase[j]: f"Image {j + 1}" for j in range(k)})
+        row.update(answer=string.ascii_uppercase[target], category=f"{k} images", split="dev")
+        out.append(row)
+    return out
+
+
+# name -> (VLMEvalKit kind, rows); None: VLMEvalKit picks the class itself (a custom MCQ set).
+SETS = {NAME: (None, rows), YN: ("yorn", yn_rows), VQA: ("vqa", vqa_rows), MULTI: ("mcq", multi_rows)}
+
+
 def is_sample(name: str) -> bool:
-    return name == NAME
+    return name in SETS
+
+
+def kind_of(name: str) -> str | None:
+    return SETS[name][0] if name in SETS else None
 
 
 def lmudata_root() -> Path:
@@ -110,7 +182,7 @@ def ensure(name: str = NAME) -> Path:
     import pandas as pd
 
     path = lmudata_root() / f"{name}.tsv"
-    data = rows()
+    data = SETS[name][1]()
     if not path.exists() or path.read_text() != pd.DataFrame(data).to_csv(sep="\t", index=False):
         write_tsv(path, data)
     decoded = path.parent / "images" / name

@@ -6,6 +6,7 @@ construction; this module only decides which of its pieces to call, as `infer_da
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import os
@@ -63,8 +64,80 @@ def unknown_datasets_message(names: list[str]) -> str:
             f"(e.g. {examples}) and no file {files}")
 
 
+# `--kind` (or a config's `class`): the VLMEvalKit class a local TSV is loaded, prompted and scored as.
+KINDS = {"mcq": "ImageMCQDataset", "yorn": "ImageYORNDataset", "vqa": "ImageVQADataset"}
+
+
+def kind_class(kind: str) -> str:
+    """The VLMEvalKit class name for a kind (mcq, yorn, vqa) or a class name given as is."""
+    if kind in KINDS:
+        return KINDS[kind]
+    if kind in KINDS.values():
+        return kind
+    raise DatasetError(f"Unknown dataset kind '{kind}': one of {', '.join(KINDS)} "
+                       f"(or VLMEvalKit's class names {', '.join(KINDS.values())})")
+
+
+def check_kind(name: str, tsv, kind: str) -> None:
+    """What a kind needs of its rows, in one line naming the first offending row."""
+    import pandas as pd
+
+    cls = kind_class(kind)
+    data = pd.read_csv(tsv, sep="\t", usecols=lambda c: c in ("index", "answer", "A", "B"), dtype=str,
+                       keep_default_na=False)
+    where = f"Dataset '{name}' ({tsv}), of kind {kind}"
+    if "answer" not in data:
+        raise DatasetError(f"{where}: has no `answer` column to score against")
+    if cls == "ImageMCQDataset" and not {"A", "B"} <= set(data.columns):
+        raise DatasetError(f"{where}: needs option columns A and B at least")
+    for index, answer in zip(data.get("index", range(len(data))), data["answer"]):
+        text = str(answer).strip()
+        if not text:
+            raise DatasetError(f"{where}: row {index} has an empty answer")
+        if cls == "ImageYORNDataset" and text.lower() not in ("yes", "no"):
+            raise DatasetError(f"{where}: row {index} has answer {text!r}; a Y/N set's answers are Yes or No")
+        if cls == "ImageVQADataset":
+            cause = vqa_answer_problem(name, text)
+            if cause:
+                raise DatasetError(f"{where}: row {index} has answer {text[:60]!r}; {cause}")
+
+
+# VLMEvalKit's VQA scoring by dataset name; all other names get the VQA score, which needs several
+# annotators' answers per row (it counts matches among the *other* annotators').
+_SINGLE_ANSWER_SCORING = ("ChartQA", "OCRVQA", "GQA", "DocVQA", "InfoVQA")
+_EVALUATED = (ast.Call, ast.Attribute, ast.Subscript, ast.Lambda, ast.NamedExpr, ast.ListComp, ast.SetComp,
+              ast.DictComp, ast.GeneratorExp, ast.Starred, ast.Pow)
+
+
+def vqa_answer_problem(name: str, text: str) -> str | None:
+    """Why VLMEvalKit's VQA scoring cannot use this answer, or None.
+
+    VLMEvalKit calls `eval` on every answer to see whether it is a list, so an answer that is a
+    Python expression beyond a literal is refused rather than run.
+    """
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        tree = None
+    if tree is not None and any(isinstance(node, _EVALUATED) for node in ast.walk(tree)):
+        return "VLMEvalKit would run it as Python code (it evals VQA answers); give plain text or a list"
+    answers = None
+    if tree is not None:
+        try:
+            value = ast.literal_eval(tree)
+            answers = value if isinstance(value, list) else None
+        except ValueError:
+            pass
+    if any(scoring in name for scoring in _SINGLE_ANSWER_SCORING):
+        return None
+    if answers is None or len(answers) < 4:
+        return ("VLMEvalKit's VQA score counts a prediction right when 3 of the other annotators gave it, "
+                "so each row needs a list of at least 4 answers (as TextVQA's ten), e.g. ['red', 'red', 'red', 'red']")
+    return None
+
+
 def check_dataset(name: str, kind: str | None = None) -> None:
-    """Before any model loads: the name exists, and a local TSV has what its rows need.
+    """Before any model loads: the name exists, and a local TSV has what its rows (and its kind) need.
 
     A local TSV is checked without importing VLMEvalKit; only a name with no file here needs
     VLMEvalKit's list of datasets.
@@ -74,7 +147,11 @@ def check_dataset(name: str, kind: str | None = None) -> None:
     tsv = sample_data.lmudata_root() / f"{name}.tsv"
     if tsv.exists():
         check_columns(name, tsv)
+        if kind:
+            check_kind(name, tsv, kind)
         return
+    if kind:
+        raise DatasetError(f"--kind {kind} makes a local TSV a dataset of that kind, and there is no {tsv}")
     _quiet_import()
     from vlmeval.dataset import SUPPORTED_DATASETS
 
@@ -82,13 +159,30 @@ def check_dataset(name: str, kind: str | None = None) -> None:
         raise UnknownDataset(unknown_datasets_message([name]))
 
 
+def register(name: str, kind: str) -> None:
+    """Make the local TSV `name` one of VLMEvalKit's datasets of that kind's class: its prompt
+    building, the models' custom prompts (they ask VLMEvalKit the dataset's type) and its scoring."""
+    import vlmeval.dataset
+
+    cls = getattr(vlmeval.dataset, kind_class(kind))
+    for other in vlmeval.dataset.DATASET_CLASSES:
+        if other is not cls and name in other.supported_datasets() and not issubclass(other, cls):
+            raise DatasetError(f"'{name}' is VLMEvalKit's own {other.__name__} dataset; --kind and `class` "
+                               "are for local TSVs of other names")
+    cls.DATASET_URL.setdefault(name, "")
+
+
 def load_dataset(name: str, limit: int | None = None, kind: str | None = None):
     """VLMEvalKit's dataset object for `name`, offline from `$LMUData/<name>.tsv` when present."""
     check_dataset(name, kind)
     if sample_data.is_sample(name):
         sample_data.ensure(name)
+        kind = kind or sample_data.kind_of(name)
     _quiet_import()
     from vlmeval.dataset import build_dataset
+
+    if kind:
+        register(name, kind)
 
     tsv = sample_data.lmudata_root() / f"{name}.tsv"
     bad: dict = {}
@@ -436,6 +530,10 @@ def drop_scoring_files(path: str) -> list[str]:
 
 def evaluate(dataset, path: str, judge: str = DEFAULT_JUDGE, nproc: int = 4):
     """VLMEvalKit's own scoring of the prediction file; `exact_matching` needs no network."""
+    if type(dataset).__name__ == "CustomVQADataset":   # its evaluate raises a bare NotImplementedError
+        raise DatasetError(f"VLMEvalKit loads the local TSV '{dataset.dataset_name}' (no options) as its "
+                           "CustomVQADataset, which cannot score; name its kind with --kind yorn|vqa|mcq "
+                           "(or a config `class`) and rerun with --mode eval")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return dataset.evaluate(path, model=judge, nproc=nproc)

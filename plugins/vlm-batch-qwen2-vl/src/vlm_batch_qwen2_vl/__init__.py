@@ -50,12 +50,12 @@ def build_tiny(path, init_std: float = 0.02, text: dict | None = None, vision: d
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     torch.manual_seed(0)
     config = Qwen2VLConfig(
-        text_config=dict(
+        text_config=dict(dict(
             vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"], initializer_range=init_std, **(text or {})),
+            pad_token_id=ids["<|endoftext|>"], initializer_range=init_std), **(text or {})),
         vision_config=dict(dict(depth=2, embed_dim=128, hidden_size=128, num_heads=4, mlp_ratio=4,
                                 initializer_range=init_std), **(vision or {})),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],

@@ -32,69 +32,109 @@ TRAIN_SEED_OFFSET = 1000     # the sample set uses seed 0: training never sees i
 END = "<|im_end|>"
 
 
-def training_examples(n: int, seed: int) -> list[dict]:
-    """`n` generated rows, each as its multiple-choice request and as a name-it request."""
+def _requests(name: str, rows: list[dict], kind: str | None):
+    """The rows as the evaluation asks them: VLMEvalKit's prompt for that kind, the plugin's prepare."""
     from vlm_batch import sample_data, vlmeval_bridge
     from vlm_batch.prepare import build_requests
     from vlm_batch.plugins import get_model
 
-    card = get_model("tiny-qwen2-vl")
-    name = f"VLMBatchShapesTrain{seed}"
-    drawn = sample_data.items(n, seed=TRAIN_SEED_OFFSET + seed)
+    sample_data.write_tsv(sample_data.lmudata_root() / f"{name}.tsv", rows)
+    failures: list = []
+    requests = list(build_requests(get_model("tiny-qwen2-vl"), vlmeval_bridge.load_dataset(name, kind=kind),
+                                   failures))
+    assert not failures, failures[:3]
+    return requests
+
+
+def ordinal_rows(n: int, seed: int) -> list[dict]:
+    """Training only: 2-3 images, "What shape is shown in image 2?". Naming the k-th image teaches
+    the model where each image sits, which "Which image shows a circle?" then asks the other way."""
+    import string
+
+    from vlm_batch import sample_data
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = 2 + i % 2
+        shapes = rng.sample(sample_data.SHAPES, k)
+        j = rng.randrange(k)
+        images = [sample_data.encode(sample_data.draw(s, rng.choice(list(sample_data.COLOURS)), rng))
+                  for s in shapes]
+        out.append({"index": i, "image": str(images), "question": f"What shape is shown in image {j + 1}?",
+                    "answer": str([shapes[j]] * sample_data.ANNOTATORS), "category": string.ascii_uppercase[j]})
+    return out
+
+
+def training_examples(n: int, seed: int) -> list[dict]:
+    """`n` generated rows of each sample set's kind, as the evaluation asks them: multiple choice
+    (answered with the option's word, plus a name-it form of the same image), Yes/No, open answer,
+    and multiple choice over several images (answered with the letter)."""
+    from vlm_batch import sample_data
+
+    s = TRAIN_SEED_OFFSET + seed
+    drawn = sample_data.items(n, seed=s)
     rows = [row for row, _, _ in drawn]
     truth = {row["index"]: (shape, colour) for row, shape, colour in drawn}
-    sample_data.write_tsv(sample_data.lmudata_root() / f"{name}.tsv", rows)
-    dataset = vlmeval_bridge.load_dataset(name)
-    failures: list = []
-    requests = list(build_requests(card, dataset, failures))
-    assert not failures, failures[:3]
     by_index = {r["index"]: r for r in rows}
     out = []
-    for req in requests:
+    for req in _requests(f"VLMBatchShapesTrain{seed}", rows, None):
         row = by_index[req.index]
         word = row[row["answer"]]
         image_part = req.prompt.split("<|vision_end|>")[0] + "<|vision_end|>"
         named = image_part + row["question"] + " Answer in one word." + END + "\n<|im_start|>assistant\n"
-        out.append({"mcq": (req.prompt, word), "named": (named, word), "images": req.images,
-                    "shape": sample_data.SHAPES.index(truth[req.index][0]),
-                    "colour": list(sample_data.COLOURS).index(truth[req.index][1])})
+        probe = {"shape": sample_data.SHAPES.index(truth[req.index][0]),
+                 "colour": list(sample_data.COLOURS).index(truth[req.index][1])}
+        out.append({"form": "mcq", "text": (req.prompt, word), "images": req.images, **probe})
+        out.append({"form": "named", "text": (named, word), "images": req.images, **probe})
+    for form, make, kind in (("yorn", sample_data.yn_rows, "yorn"), ("vqa", sample_data.vqa_rows, "vqa"),
+                             ("multi", sample_data.multi_rows, "mcq"), ("ordinal", ordinal_rows, "vqa")):
+        rows = make(n, seed=s + 1 + len(out))
+        by_index = {r["index"]: r for r in rows}
+        for req in _requests(f"VLMBatchShapes{form}Train{seed}", rows, kind):
+            answer = sample_data.first_answer(by_index[req.index]["answer"])
+            out.append({"form": form, "text": (req.prompt, answer), "images": req.images})
     return out
 
 
 def encode(processor, examples: list[dict], chunk: int = 256) -> list[dict]:
-    """Both forms of each example through the processor once: token ids, pixels, answer start."""
+    """Each example through the processor once: token ids, pixels (of all its images), answer start."""
+    import torch
+
     tokenizer = processor.tokenizer
     for at in range(0, len(examples), chunk):
         part = examples[at:at + chunk]
-        for form in ("mcq", "named"):
-            enc = processor(text=[ex[form][0] + ex[form][1] + END for ex in part],
-                            images=[ex["images"] for ex in part], padding=True, return_tensors="pt")
-            pixels = enc["pixel_values"].split([int(g.prod()) for g in enc["image_grid_thw"]])
-            for row, ex in enumerate(part):
-                keep = enc["attention_mask"][row].bool()
-                ids = enc["input_ids"][row][keep]
-                answer_len = len(tokenizer(ex[form][1] + END, add_special_tokens=False).input_ids)
-                ex[form + "_ids"] = (ids, enc["mm_token_type_ids"][row][keep], len(ids) - answer_len)
-                ex["pixel_values"], ex["image_grid_thw"] = pixels[row], enc["image_grid_thw"][row:row + 1]
+        enc = processor(text=[ex["text"][0] + ex["text"][1] + END for ex in part],
+                        images=[ex["images"] for ex in part], padding=True, return_tensors="pt")
+        pixels = list(enc["pixel_values"].split([int(g.prod()) for g in enc["image_grid_thw"]]))
+        grids = list(enc["image_grid_thw"].split(1))
+        for row, ex in enumerate(part):
+            keep = enc["attention_mask"][row].bool()
+            ids = enc["input_ids"][row][keep]
+            answer_len = len(tokenizer(ex["text"][1] + END, add_special_tokens=False).input_ids)
+            ex["ids"] = (ids, enc["mm_token_type_ids"][row][keep], len(ids) - answer_len)
+            k = len(ex["images"])
+            ex["pixel_values"], ex["image_grid_thw"] = torch.cat(pixels[:k]), torch.cat(grids[:k])
+            del pixels[:k], grids[:k]
     return examples
 
 
-def collate(batch: list[tuple[dict, str]], pad_id: int) -> dict:
-    """Right-padded batch of (example, form); the loss sees only each answer and its end token."""
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-padded batch; the loss sees only each answer and its end token."""
     import torch
 
-    width = max(len(ex[form + "_ids"][0]) for ex, form in batch)
+    width = max(len(ex["ids"][0]) for ex in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask, kinds = torch.zeros_like(ids), torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for row, (ex, form) in enumerate(batch):
-        tokens, token_kinds, answer_from = ex[form + "_ids"]
+    for row, ex in enumerate(batch):
+        tokens, token_kinds, answer_from = ex["ids"]
         n = len(tokens)
         ids[row, :n], mask[row, :n], kinds[row, :n] = tokens, 1, token_kinds
         labels[row, answer_from:n] = tokens[answer_from:]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "mm_token_type_ids": kinds,
-            "pixel_values": torch.cat([ex["pixel_values"] for ex, _ in batch]),
-            "image_grid_thw": torch.cat([ex["image_grid_thw"] for ex, _ in batch])}
+            "pixel_values": torch.cat([ex["pixel_values"] for ex in batch]),
+            "image_grid_thw": torch.cat([ex["image_grid_thw"] for ex in batch])}
 
 
 class VisionProbe:
@@ -111,20 +151,23 @@ class VisionProbe:
     def _keep(self, module, args, output):
         self.features = getattr(output, "pooler_output", output)
 
-    def loss(self, batch: list[tuple[dict, str]], inputs: dict):
+    def loss(self, batch: list[dict], inputs: dict):
         import torch
         import torch.nn.functional as F
 
         sizes = [int(g.prod()) // 4 for g in inputs["image_grid_thw"]]   # 2x2 patches merge into a token
         pooled = torch.stack([f.mean(0) for f in self.features.split(sizes)])
         logits = self.linear(pooled)
-        shapes = torch.tensor([ex["shape"] for ex, _ in batch])
-        colours = torch.tensor([ex["colour"] for ex, _ in batch])
+        shapes = torch.tensor([ex["shape"] for ex in batch])
+        colours = torch.tensor([ex["colour"] for ex in batch])
         return F.cross_entropy(logits[:, :4], shapes) + F.cross_entropy(logits[:, 4:], colours)
 
 
-def train(out: Path, *, seed: int = 0, steps: int = 1500, rows: int = 3000, batch: int = 32,
-          lr: float = 1e-3) -> dict:
+FORMS = ("mcq", "named", "yorn", "vqa", "multi", "ordinal", "yorn", "multi")   # a batch each, in turn
+
+
+def train(out: Path, *, seed: int = 0, steps: int = 3000, rows: int = 2000, batch: int = 32,
+          lr: float = 1e-3, init: Path | None = None, forms: tuple = FORMS, text: dict | None = None) -> dict:
     import torch
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
@@ -132,7 +175,11 @@ def train(out: Path, *, seed: int = 0, steps: int = 1500, rows: int = 3000, batc
 
     torch.manual_seed(seed)
     started = time.perf_counter()
-    build_tiny(out, init_std=0.02)
+    if init is None:
+        build_tiny(out, init_std=0.02, text=text)
+    elif Path(init).resolve() != Path(out).resolve():
+        import shutil
+        shutil.copytree(init, out, dirs_exist_ok=True)
     processor = Qwen2VLProcessor.from_pretrained(out)
     model = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
     examples = encode(processor, training_examples(rows, seed))
@@ -147,25 +194,31 @@ def train(out: Path, *, seed: int = 0, steps: int = 1500, rows: int = 3000, batc
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(seed)
-    losses = []
+    by_form = {form: [ex for ex in examples if ex["form"] == form] for form in set(forms)}
+    losses, per_form = [], {}
     for step in range(steps):
-        form = "named" if step % 2 else "mcq"   # one form per batch: no padding to the longer one
-        forms = [(ex, form) for ex in rng.sample(examples, batch)]
-        inputs = collate(forms, pad_id)
-        loss = model(**inputs).loss + 0.5 * probe.loss(forms, inputs)
+        form = forms[step % len(forms)]   # one form per batch: no padding to the longer one
+        chosen = rng.sample(by_form[form], batch)
+        inputs = collate(chosen, pad_id)
+        loss = model(**inputs).loss
+        if "shape" in chosen[0]:   # single-image rows: the probe's direct signal for the vision tower
+            loss = loss + 0.5 * probe.loss(chosen, inputs)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(float(loss))
+        per_form.setdefault(form, []).append(float(loss))
         if step % 100 == 0 or step == steps - 1:
-            log.info("step %d/%d loss %.4f (%.0fs)", step, steps, sum(losses[-50:]) / len(losses[-50:]),
-                     time.perf_counter() - started)
+            recent = {f: round(sum(v[-10:]) / len(v[-10:]), 3) for f, v in per_form.items()}
+            log.info("step %d/%d loss %.4f %s (%.0fs)", step, steps, sum(losses[-50:]) / len(losses[-50:]),
+                     recent, time.perf_counter() - started)
     model.eval()
     model.save_pretrained(out)
-    report = {"seed": seed, "steps": steps, "rows": rows, "batch": batch,
-              "lr": lr, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+    before = json.loads((Path(init) / "training.json").read_text()) if init else None
+    report = {"seed": seed, "steps": steps, "rows": rows, "batch": batch, "forms": list(forms),
+              "after": before, "lr": lr, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
               "seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(report, indent=2))
     return report
@@ -175,13 +228,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--init", type=Path, help="continue from this checkpoint instead of random weights")
+    parser.add_argument("--forms", default=",".join(FORMS), help="the batch forms, in turn")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--layers", type=int, help="text layers (default: build_tiny's)")
+    parser.add_argument("--heads", type=int, help="text attention heads (default: build_tiny's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("LMUData", tempfile.mkdtemp(prefix="vlm-batch-train-"))
     args.out.mkdir(parents=True, exist_ok=True)
-    report = train(args.out, seed=args.seed, steps=args.steps, rows=args.rows)
+    report = train(args.out, seed=args.seed, steps=args.steps, rows=args.rows, lr=args.lr, init=args.init,
+                   forms=tuple(args.forms.split(",")),
+                   text={k: v for k, v in (("num_hidden_layers", args.layers), ("num_attention_heads", args.heads),
+                                           ("num_key_value_heads", args.heads and max(1, args.heads // 2)))
+                         if v} or None)
     print(json.dumps(report, indent=2))
 
 
