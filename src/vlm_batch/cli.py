@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .progress import quiet_when_piped
-from .sample_data import NAME as SAMPLE_DATASET
+from .sample_data import NAME as SAMPLE_DATASET, SETS as SAMPLE_SETS
 
 
 def _fail(message: str) -> None:
@@ -80,7 +80,8 @@ def cli():
 @click.option("--model", "models", cls=Names, metavar="NAME [NAME ...]",
               help="VLMEvalKit model names, one engine each, one after another; default: the embedded demo model.")
 @click.option("--dataset", "--data", "datasets", cls=Names, metavar="NAME [NAME ...]",
-              help=f"VLMEvalKit dataset names, or $LMUData/<name>.tsv files' names; default: {SAMPLE_DATASET}.")
+              help="VLMEvalKit dataset names, or $LMUData/<name>.tsv files' names; default: the sample suite "
+                   f"({', '.join(SAMPLE_SETS)}).")
 @click.option("--kind", type=click.Choice(["mcq", "yorn", "vqa"]),
               help="Load local $LMUData/<name>.tsv datasets as VLMEvalKit datasets of this kind (multiple "
                    "choice, Yes/No, open answer), prompted and scored by that class; as a config's `class`.")
@@ -126,7 +127,7 @@ def cli():
 def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, judge, engine, use_vllm, batch_size,
                  max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, truncate, tp, use_ray,
                  ray_address, replicas, gpus_per_replica, verbose):
-    """Evaluate models on datasets; with no options, the embedded demo on the sample set.
+    """Evaluate models on datasets; with no options, the embedded demo on the sample suite.
 
     `--model A B --dataset X Y Z` runs each model over every dataset through one engine, scoring each
     dataset while the next one generates. Under torchrun (RANK and WORLD_SIZE set) each rank answers
@@ -170,7 +171,7 @@ def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, ju
             plan = from_config(config, engine=engine)
         else:
             demo = next((c for c in get_models().values() if c.demo), None)
-            plan = from_names(list(models), list(datasets) or [SAMPLE_DATASET], engine=engine, demo=demo,
+            plan = from_names(list(models), list(datasets) or list(SAMPLE_SETS), engine=engine, demo=demo,
                               kind=kind)
         check_engines(plan, options, mode, tp)
     except (PlanError, DatasetError) as exc:

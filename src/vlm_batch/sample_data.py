@@ -1,9 +1,9 @@
 """The sample sets: drawn shapes, written as VLMEvalKit TSVs on first use, one per dataset kind.
 
 - `VLMBatchShapes`: multiple choice, one image ("What shape is shown in the image?" A-D);
-- `VLMBatchShapesYN`: Yes/No ("Is the shape red?"), a VLMEvalKit Y/N dataset;
+- `VLMBatchShapesYN`: Yes/No ("Is the shape in the image red?", "... a circle?"), a VLMEvalKit Y/N dataset;
 - `VLMBatchShapesVQA`: open answer ("What colour is the shape in the image?" -> "red"), VQA;
-- `VLMBatchShapesMulti`: multiple choice over 2-3 images in a row ("Which image shows a circle?").
+- `VLMBatchShapesMulti`: multiple choice over 2-3 images in a row ("Which colour is the circle?").
 
 Generated from a seed, so the demo and the tests need no download and get the same rows everywhere.
 """
@@ -87,20 +87,20 @@ def items(n: int = 160, seed: int = 0, n_options: int = 4):
 
 
 def yn_rows(n: int = 160, seed: int = 0):
-    """Yes/No rows, half of each: the colour or shape asked about is the one drawn, or another."""
+    """Yes/No rows, half of each answer: "Is the shape in the image red?" or "... a circle?"."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         yes = i % 4 < 2
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         if i % 2 == 0:
-            asked = shape if yes else rng.choice([s for s in SHAPES if s != shape])
-            question = f"Is the shape in the image a {asked}?"
+            colour = "red" if yes else rng.choice([c for c in COLOURS if c != "red"])
+            question, category = "Is the shape in the image red?", "colour"
         else:
-            asked = colour if yes else rng.choice([c for c in COLOURS if c != colour])
-            question = f"Is the shape in the image {asked}?"
+            shape = "circle" if yes else rng.choice([s for s in SHAPES if s != "circle"])
+            question, category = "Is the shape in the image a circle?", "shape"
         out.append({"index": i, "image": encode(draw(shape, colour, rng)), "question": question,
-                    "answer": "Yes" if yes else "No", "category": "shape" if i % 2 == 0 else "colour"})
+                    "answer": "Yes" if yes else "No", "category": category})
     return out
 
 
@@ -129,17 +129,23 @@ def first_answer(answer: str) -> str:
 
 
 def multi_rows(n: int = 160, seed: int = 0):
-    """Multiple choice over 2 or 3 images of different shapes: which one shows the shape asked for."""
+    """Multiple choice over 2 or 3 images: one shows a circle, the others other shapes, each in its
+    own colour. "Which colour is the circle?", the options being the images' colours: the answer is
+    in one image, and every wrong option is another image's colour."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         k = 2 + i % 2
-        shapes = rng.sample(SHAPES, k)
-        target = rng.randrange(k)
-        images = [encode(draw(s, rng.choice(list(COLOURS)), rng)) for s in shapes]
-        row = {"index": i, "image": str(images), "question": f"Which image shows a {shapes[target]}?"}
-        row.update({string.ascii_uppercase[j]: f"Image {j + 1}" for j in range(k)})
-        row.update(answer=string.ascii_uppercase[target], category=f"{k} images", split="dev")
+        shapes = ["circle"] + rng.sample([s for s in SHAPES if s != "circle"], k - 1)
+        rng.shuffle(shapes)
+        colours = rng.sample(list(COLOURS), k)
+        images = [encode(draw(s, c, rng)) for s, c in zip(shapes, colours)]
+        options = colours[:]
+        rng.shuffle(options)
+        row = {"index": i, "image": str(images), "question": "Which colour is the circle?"}
+        row.update({string.ascii_uppercase[j]: c for j, c in enumerate(options)})
+        answer = string.ascii_uppercase[options.index(colours[shapes.index("circle")])]
+        row.update(answer=answer, category=f"{k} images", split="dev")
         out.append(row)
     return out
 

@@ -1,15 +1,15 @@
-"""Train the embedded `tiny-qwen2-vl` to answer the sample set's shape and colour questions.
+"""Train the embedded `tiny-qwen2-vl` to answer the sample sets of every kind.
 
     python -m vlm_batch_qwen2_vl.train --out DIR [--seed 0]
 
-Training rows come from the sample-set generator with other seeds than the sample set, and go
-through the same path as an evaluation (VLMEvalKit's prompt, the plugin's `prepare`), so the model
-learns exactly the prompts it will be asked. It answers with the option's text ("circle"), which
-VLMEvalKit's exact matching maps to the option's letter, as it does for real models that answer in
-words. Every other batch is the multiple-choice rows, the others a shorter "name it" form of the
-same image ("What shape is shown in the image? Answer in one word."); a linear probe on the pooled vision
-tokens classifies shape and colour alongside (it is discarded; it only gives the small vision tower
-a direct signal).
+Training rows come from the sample-set generators with other seeds than the sample sets, and go
+through the same path as an evaluation (VLMEvalKit's prompt for the kind, the plugin's `prepare`),
+so the model learns exactly the prompts it will be asked. Each batch is one form, in turn:
+multiple choice answered with the option's text ("circle", which VLMEvalKit's exact matching maps
+to the option's letter, as it does for real models that answer in words), a shorter "name it" form
+of the same image, Yes/No, open answer, and multiple choice over several images (answered, like the
+first, with the option's text). A linear probe on the pooled vision tokens classifies shape and colour
+alongside (it is discarded; it only gives the small vision tower a direct signal).
 
 Deterministic for a seed on one machine (CPU, torch's default threads).
 """
@@ -46,30 +46,10 @@ def _requests(name: str, rows: list[dict], kind: str | None):
     return requests
 
 
-def ordinal_rows(n: int, seed: int) -> list[dict]:
-    """Training only: 2-3 images, "What shape is shown in image 2?". Naming the k-th image teaches
-    the model where each image sits, which "Which image shows a circle?" then asks the other way."""
-    import string
-
-    from vlm_batch import sample_data
-
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        k = 2 + i % 2
-        shapes = rng.sample(sample_data.SHAPES, k)
-        j = rng.randrange(k)
-        images = [sample_data.encode(sample_data.draw(s, rng.choice(list(sample_data.COLOURS)), rng))
-                  for s in shapes]
-        out.append({"index": i, "image": str(images), "question": f"What shape is shown in image {j + 1}?",
-                    "answer": str([shapes[j]] * sample_data.ANNOTATORS), "category": string.ascii_uppercase[j]})
-    return out
-
-
 def training_examples(n: int, seed: int) -> list[dict]:
     """`n` generated rows of each sample set's kind, as the evaluation asks them: multiple choice
     (answered with the option's word, plus a name-it form of the same image), Yes/No, open answer,
-    and multiple choice over several images (answered with the letter)."""
+    and multiple choice over several images (answered with the option's word)."""
     from vlm_batch import sample_data
 
     s = TRAIN_SEED_OFFSET + seed
@@ -88,11 +68,12 @@ def training_examples(n: int, seed: int) -> list[dict]:
         out.append({"form": "mcq", "text": (req.prompt, word), "images": req.images, **probe})
         out.append({"form": "named", "text": (named, word), "images": req.images, **probe})
     for form, make, kind in (("yorn", sample_data.yn_rows, "yorn"), ("vqa", sample_data.vqa_rows, "vqa"),
-                             ("multi", sample_data.multi_rows, "mcq"), ("ordinal", ordinal_rows, "vqa")):
+                             ("multi", sample_data.multi_rows, "mcq")):
         rows = make(n, seed=s + 1 + len(out))
         by_index = {r["index"]: r for r in rows}
         for req in _requests(f"VLMBatchShapes{form}Train{seed}", rows, kind):
-            answer = sample_data.first_answer(by_index[req.index]["answer"])
+            row = by_index[req.index]
+            answer = row[row["answer"]] if form == "multi" else sample_data.first_answer(row["answer"])
             out.append({"form": form, "text": (req.prompt, answer), "images": req.images})
     return out
 
@@ -163,10 +144,11 @@ class VisionProbe:
         return F.cross_entropy(logits[:, :4], shapes) + F.cross_entropy(logits[:, 4:], colours)
 
 
-FORMS = ("mcq", "named", "yorn", "vqa", "multi", "ordinal", "yorn", "multi")   # a batch each, in turn
+FORMS = ("mcq", "named", "yorn", "vqa", "multi")   # a batch each, in turn
+FIRST_FORMS = ("mcq", "named")   # the first steps: learn to see before learning to compare and look across images
 
 
-def train(out: Path, *, seed: int = 0, steps: int = 3000, rows: int = 2000, batch: int = 32,
+def train(out: Path, *, seed: int = 0, steps: int = 3000, first: int = 1200, rows: int = 2000, batch: int = 32,
           lr: float = 1e-3, init: Path | None = None, forms: tuple = FORMS, text: dict | None = None) -> dict:
     import torch
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
@@ -194,10 +176,11 @@ def train(out: Path, *, seed: int = 0, steps: int = 3000, rows: int = 2000, batc
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(seed)
-    by_form = {form: [ex for ex in examples if ex["form"] == form] for form in set(forms)}
+    by_form = {form: [ex for ex in examples if ex["form"] == form] for form in set(forms) | set(FIRST_FORMS)}
     losses, per_form = [], {}
     for step in range(steps):
-        form = forms[step % len(forms)]   # one form per batch: no padding to the longer one
+        cycle = FIRST_FORMS if step < first else forms
+        form = cycle[step % len(cycle)]   # one form per batch: no padding to the longer one
         chosen = rng.sample(by_form[form], batch)
         inputs = collate(chosen, pad_id)
         loss = model(**inputs).loss
@@ -217,7 +200,7 @@ def train(out: Path, *, seed: int = 0, steps: int = 3000, rows: int = 2000, batc
     model.eval()
     model.save_pretrained(out)
     before = json.loads((Path(init) / "training.json").read_text()) if init else None
-    report = {"seed": seed, "steps": steps, "rows": rows, "batch": batch, "forms": list(forms),
+    report = {"seed": seed, "steps": steps, "first": first, "rows": rows, "batch": batch, "forms": list(forms),
               "after": before, "lr": lr, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
               "seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(report, indent=2))
@@ -229,6 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--first", type=int, default=1200, help="steps on single-image multiple choice only")
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--init", type=Path, help="continue from this checkpoint instead of random weights")
     parser.add_argument("--forms", default=",".join(FORMS), help="the batch forms, in turn")
@@ -239,7 +223,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("LMUData", tempfile.mkdtemp(prefix="vlm-batch-train-"))
     args.out.mkdir(parents=True, exist_ok=True)
-    report = train(args.out, seed=args.seed, steps=args.steps, rows=args.rows, lr=args.lr, init=args.init,
+    report = train(args.out, seed=args.seed, steps=args.steps, first=args.first, rows=args.rows, lr=args.lr, init=args.init,
                    forms=tuple(args.forms.split(",")),
                    text={k: v for k, v in (("num_hidden_layers", args.layers), ("num_attention_heads", args.heads),
                                            ("num_key_value_heads", args.heads and max(1, args.heads // 2)))
