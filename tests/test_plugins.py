@@ -61,8 +61,11 @@ def test_in_process_plugin_serves_an_eval(echo, vllm_engine, tmp_path):
     card = get_model("my-echo-model")
     summary = runner.run_eval(card, "VLMBatchShapes", work_dir=str(tmp_path), engine=vllm_engine, limit=6)
     assert len(echo.prepared) == 6 and summary.generated == 6
-    data = pd.read_excel(tmp_path / "my-echo-model" / "my-echo-model_VLMBatchShapes.xlsx")
-    assert len(data) == 6 and data["prediction"].notna().all()
+    data = pd.read_excel(tmp_path / "my-echo-model" / "my-echo-model_VLMBatchShapes.xlsx", keep_default_na=False)
+    # The embedded model may answer this foreign prompt with nothing; what matters is that every item
+    # went through the plugin's prepare and the engine, and none failed.
+    assert len(data) == 6 and not summary.failed
+    assert not any(str(p).startswith("Failed to obtain answer") for p in data["prediction"])
 
 
 def test_hf_only_model_refuses_vllm_before_loading(echo):
