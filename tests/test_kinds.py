@@ -130,7 +130,11 @@ def test_a_tsv_without_a_kind_that_vlmevalkit_cannot_score_says_how_then_scores(
     args = ["eval", "--model", MODEL, "--dataset", "KindLess", "--engine", "hf", "--work-dir", str(tmp_path)]
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 1 and "CustomVQADataset, which cannot score" in first.output, first.output
-    assert "--kind yorn" in first.output and (tmp_path / MODEL / f"{MODEL}_KindLess.xlsx").exists()
+    predictions = tmp_path / MODEL / f"{MODEL}_KindLess.xlsx"
+    assert "--kind yorn" in first.output and predictions.exists()
+    kept = predictions.read_bytes()
     again = CliRunner().invoke(cli, args + ["--kind", "yorn", "--mode", "eval"])
     assert again.exit_code == 0 and "score:" in again.output, again.output
-    assert "generated 0" in again.output or "generated" not in again.output
+    assert predictions.read_bytes() == kept and "engine -" in again.output   # no engine: scored as kept
+    report = json.loads((tmp_path / MODEL / f"{MODEL}_KindLess_run.json").read_text())
+    assert report["items"] == 8 and report["generated"] == 0

@@ -11,6 +11,7 @@ import click
 from . import __version__
 from .progress import quiet_when_piped
 from .sample_data import NAME as SAMPLE_DATASET, SETS as SAMPLE_SETS
+from .vlmeval_bridge import KINDS
 
 
 def _fail(message: str) -> None:
@@ -82,7 +83,7 @@ def cli():
 @click.option("--dataset", "--data", "datasets", cls=Names, metavar="NAME [NAME ...]",
               help="VLMEvalKit dataset names, or $LMUData/<name>.tsv files' names; default: the sample suite "
                    f"({', '.join(SAMPLE_SETS)}).")
-@click.option("--kind", type=click.Choice(["mcq", "yorn", "vqa"]),
+@click.option("--kind", type=click.Choice(list(KINDS)),
               help="Load local $LMUData/<name>.tsv datasets as VLMEvalKit datasets of this kind (multiple "
                    "choice, Yes/No, open answer), prompted and scored by that class; as a config's `class`.")
 @click.option("--config", "config", type=click.Path(dir_okay=False),

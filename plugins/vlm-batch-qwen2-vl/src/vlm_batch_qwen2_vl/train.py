@@ -149,7 +149,7 @@ FIRST_FORMS = ("mcq", "named")   # the first steps: learn to see before learning
 
 
 def train(out: Path, *, seed: int = 0, steps: int = 3000, first: int = 1200, rows: int = 2000, batch: int = 32,
-          lr: float = 1e-3, init: Path | None = None, forms: tuple = FORMS, text: dict | None = None) -> dict:
+          lr: float = 1e-3) -> dict:
     import torch
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
@@ -157,11 +157,7 @@ def train(out: Path, *, seed: int = 0, steps: int = 3000, first: int = 1200, row
 
     torch.manual_seed(seed)
     started = time.perf_counter()
-    if init is None:
-        build_tiny(out, init_std=0.02, text=text)
-    elif Path(init).resolve() != Path(out).resolve():
-        import shutil
-        shutil.copytree(init, out, dirs_exist_ok=True)
+    build_tiny(out, init_std=0.02)
     processor = Qwen2VLProcessor.from_pretrained(out)
     model = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
     examples = encode(processor, training_examples(rows, seed))
@@ -176,10 +172,10 @@ def train(out: Path, *, seed: int = 0, steps: int = 3000, first: int = 1200, row
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(seed)
-    by_form = {form: [ex for ex in examples if ex["form"] == form] for form in set(forms) | set(FIRST_FORMS)}
+    by_form = {form: [ex for ex in examples if ex["form"] == form] for form in FORMS}
     losses, per_form = [], {}
     for step in range(steps):
-        cycle = FIRST_FORMS if step < first else forms
+        cycle = FIRST_FORMS if step < first else FORMS
         form = cycle[step % len(cycle)]   # one form per batch: no padding to the longer one
         chosen = rng.sample(by_form[form], batch)
         inputs = collate(chosen, pad_id)
@@ -199,9 +195,8 @@ def train(out: Path, *, seed: int = 0, steps: int = 3000, first: int = 1200, row
                      recent, time.perf_counter() - started)
     model.eval()
     model.save_pretrained(out)
-    before = json.loads((Path(init) / "training.json").read_text()) if init else None
-    report = {"seed": seed, "steps": steps, "first": first, "rows": rows, "batch": batch, "forms": list(forms),
-              "after": before, "lr": lr, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+    report = {"seed": seed, "steps": steps, "first": first, "rows": rows, "batch": batch, "forms": list(FORMS),
+              "lr": lr, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
               "seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(report, indent=2))
     return report
@@ -214,20 +209,11 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--first", type=int, default=1200, help="steps on single-image multiple choice only")
     parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--init", type=Path, help="continue from this checkpoint instead of random weights")
-    parser.add_argument("--forms", default=",".join(FORMS), help="the batch forms, in turn")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--layers", type=int, help="text layers (default: build_tiny's)")
-    parser.add_argument("--heads", type=int, help="text attention heads (default: build_tiny's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("LMUData", tempfile.mkdtemp(prefix="vlm-batch-train-"))
     args.out.mkdir(parents=True, exist_ok=True)
-    report = train(args.out, seed=args.seed, steps=args.steps, first=args.first, rows=args.rows, lr=args.lr, init=args.init,
-                   forms=tuple(args.forms.split(",")),
-                   text={k: v for k, v in (("num_hidden_layers", args.layers), ("num_attention_heads", args.heads),
-                                           ("num_key_value_heads", args.heads and max(1, args.heads // 2)))
-                         if v} or None)
+    report = train(args.out, seed=args.seed, steps=args.steps, first=args.first, rows=args.rows)
     print(json.dumps(report, indent=2))
 
 
