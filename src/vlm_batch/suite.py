@@ -100,8 +100,13 @@ def run_suite(plan: Plan, settings: Settings, *, options: dict | None = None, li
     began = time.time() if started is None else started
     timeline = Timeline(began)
     timeline.mark("imports")
-    with placement:
+    from .judge import JudgeService
+
+    judges = JudgeService(settings.judge, base_url=settings.judge_base_url, nproc=settings.judge_nproc,
+                          trust_remote_code=settings.trust_remote_code)
+    with placement, judges:   # the judge server, if one started, is stopped on every way out
         executor = Executor(placement, settings, dataset, progress)
+        executor.judges = judges
         for spec in plan.models:
             if len(result.models):
                 timeline = Timeline()
