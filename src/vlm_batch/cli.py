@@ -102,6 +102,10 @@ def cli():
                    "--judge names its model (default: the one it serves).")
 @click.option("--judge-nproc", type=click.IntRange(min=1), default=64, show_default=True,
               help="Concurrent calls to a local or --judge-base-url judge (enough to keep its batches full).")
+@click.option("--judge-gpu-share", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              help="On a GPU, the share of its memory a local judge's server takes (vLLM's "
+                   "gpu_memory_utilization), so it runs beside the evaluated model's engine (give that one its "
+                   "share with a config's vllm_args) instead of waiting until that engine is released.")
 @click.option("--engine", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
               help="auto: vLLM where it is installed and runs the model, else transformers (saying why); "
                    "vllm or hf: that engine or an error.")
@@ -131,7 +135,7 @@ def cli():
               help="GPUs each replica holds with --ray; default: --tp on GPU machines, 0 otherwise.")
 @click.option("-v", "--verbose", is_flag=True, help="Engine logs, batch statistics and phase times.")
 def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, judge, judge_base_url, judge_nproc,
-                 engine, use_vllm, batch_size,
+                 judge_gpu_share, engine, use_vllm, batch_size,
                  max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, truncate, tp, use_ray,
                  ray_address, replicas, gpus_per_replica, verbose):
     """Evaluate models on datasets; with no options, the embedded demo on the sample set.
@@ -154,6 +158,9 @@ def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, ju
 
     if use_vllm:
         engine = "vllm"
+    if judge.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(judge)):
+        _fail(f"--judge {judge}: no such checkpoint folder (a local judge is a folder, a vlm-batch model or a "
+              "hub id)")
     ray = None
     if use_ray or ray_address:
         from .ray_runner import RayOptions
@@ -187,7 +194,7 @@ def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, ju
 
     progress = SuiteProgress() if interactive() else None
     settings = Settings(work_dir=work_dir, mode=mode, judge=judge, nproc=nproc, judge_base_url=judge_base_url,
-                        judge_nproc=judge_nproc, prep_workers=prep_workers,
+                        judge_nproc=judge_nproc, judge_gpu_share=judge_gpu_share, prep_workers=prep_workers,
                         rerun=rerun, wait=wait, verbose=verbose, truncate=truncate,
                         trust_remote_code=trust_remote_code)
     try:

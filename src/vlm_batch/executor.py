@@ -60,6 +60,7 @@ class Settings:
     nproc: int = 4
     judge_base_url: str | None = None  # a judge server the user runs (VLMEvalKit's --judge-base-url)
     judge_nproc: int = 64              # concurrent calls to a local or --judge-base-url judge
+    judge_gpu_share: float | None = None   # a local judge's GPU memory share: it then runs beside the engine
     prep_workers: int = 0
     rerun: bool = False
     wait: bool = False

@@ -229,7 +229,7 @@ def metrics(base_url: str) -> dict | None:
             text = resp.read().decode()
     except (urllib.error.URLError, OSError):
         return None
-    out = {"calls": 0, "errors": 0, "running": 0.0, "waiting": 0.0}
+    out = {"calls": 0, "errors": 0, "running": 0.0, "waiting": 0.0, "steps": 0, "generated": 0}
     for line in text.splitlines():
         if line.startswith("http_requests_total{") and 'handler="/v1/chat/completions"' in line:
             value = float(line.rsplit(" ", 1)[1])
@@ -240,6 +240,10 @@ def metrics(base_url: str) -> dict | None:
             out["running"] += float(line.rsplit(" ", 1)[1])
         elif line.startswith("vllm:num_requests_waiting{"):
             out["waiting"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:iteration_tokens_total_count{"):   # one per engine step
+            out["steps"] += int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("vllm:generation_tokens_total{"):
+            out["generated"] += int(float(line.rsplit(" ", 1)[1]))
     return out
 
 
@@ -266,8 +270,11 @@ class Watch:
         after = metrics(self.base_url)
         if self.before is None or after is None:
             return {"peak_running": self.peak_running or None}
+        steps, generated = after["steps"] - self.before["steps"], after["generated"] - self.before["generated"]
+        # more than one generated token per engine step: requests were decoded in the same batch
         return {"server_calls": after["calls"] - self.before["calls"],
-                "server_errors": after["errors"] - self.before["errors"], "peak_running": self.peak_running}
+                "server_errors": after["errors"] - self.before["errors"], "peak_running": self.peak_running,
+                "tokens_per_step": round(generated / steps, 2) if steps else None}
 
 
 # -- what scoring is pointed at ------------------------------------------------------------------------
@@ -473,7 +480,7 @@ def score_with(dataset, path: str, judge: Judge):
     failures = (seen.get("server_errors") or 0) + lost
     stats.update(calls=calls, failures=failures, time_s=round(elapsed, 3),
                  calls_per_s=round(calls / elapsed, 3) if calls and elapsed else None,
-                 peak_running=seen.get("peak_running"))
+                 peak_running=seen.get("peak_running"), tokens_per_step=seen.get("tokens_per_step"))
     judge.stats.append(stats)
     if died:
         raise JudgeError(f"the judge server for {judge.model} died while scoring {dataset.dataset_name} "
@@ -507,11 +514,17 @@ class JudgeService:
         return self.name != EXACT or self.base_url is not None
 
     def engine_started(self) -> None:
-        """The evaluated model's engine holds the GPU: a local judge that needs it waits (see `get`)."""
+        """The evaluated model's engine is about to take the GPU: a local judge that needs it waits (see
+        `get`). One left from the previous model (its scoring is over by now) is stopped first, and
+        started again when a dataset of this model needs it."""
         from .engines import on_gpu
 
-        if self.local and on_gpu() and not self.share_gpu and self.server is None:
-            self.engine_free.clear()
+        if self.local and on_gpu() and not self.share_gpu:
+            with self._lock:
+                if self.server is not None:
+                    self.server.close()
+                    self.server = self.judge = None
+                self.engine_free.clear()
 
     def engine_released(self) -> None:
         self.engine_free.set()
