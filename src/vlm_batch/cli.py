@@ -96,7 +96,18 @@ def cli():
 @click.option("--wait", "wait", is_flag=True,
               help="If another run holds a model and dataset of this one, wait for it instead of refusing.")
 @click.option("--judge", default="exact_matching", show_default=True,
-              help="VLMEvalKit judge; exact_matching scores offline.")
+              help="VLMEvalKit judge: exact_matching scores offline; an API judge VLMEvalKit names (gpt-4o-mini, "
+                   "...) as in VLMEvalKit; a vlm-batch model, checkpoint path or hub id is served here by vLLM's "
+                   "OpenAI server on 127.0.0.1 for the scoring, then stopped.")
+@click.option("--judge-base-url", metavar="URL",
+              help="VLMEvalKit's flag: an OpenAI-compatible judge you already run (e.g. http://host:8000/v1); "
+                   "--judge names its model (default: the one it serves).")
+@click.option("--judge-nproc", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Concurrent calls to a local or --judge-base-url judge (enough to keep its batches full).")
+@click.option("--judge-gpu-share", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              help="On a GPU, the share of its memory a local judge's server takes (vLLM's "
+                   "gpu_memory_utilization), so it runs beside the evaluated model's engine (give that one its "
+                   "share with a config's vllm_args) instead of waiting until that engine is released.")
 @click.option("--engine", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
               help="auto: vLLM where it is installed and runs the model, else transformers (saying why); "
                    "vllm or hf: that engine or an error.")
@@ -125,7 +136,8 @@ def cli():
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0),
               help="GPUs each replica holds with --ray; default: --tp on GPU machines, 0 otherwise.")
 @click.option("-v", "--verbose", is_flag=True, help="Engine logs, batch statistics and phase times.")
-def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, judge, engine, use_vllm, batch_size,
+def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, judge, judge_base_url, judge_nproc,
+                 judge_gpu_share, engine, use_vllm, batch_size,
                  max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, truncate, tp, use_ray,
                  ray_address, replicas, gpus_per_replica, verbose):
     """Evaluate models on datasets; with no options, the embedded demo on the sample suite.
@@ -148,6 +160,9 @@ def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, ju
 
     if use_vllm:
         engine = "vllm"
+    if judge.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(judge)):
+        _fail(f"--judge {judge}: no such checkpoint folder (a local judge is a folder, a vlm-batch model or a "
+              "hub id)")
     ray = None
     if use_ray or ray_address:
         from .ray_runner import RayOptions
@@ -180,7 +195,8 @@ def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, ju
     from .progress import SuiteProgress, interactive
 
     progress = SuiteProgress() if interactive() else None
-    settings = Settings(work_dir=work_dir, mode=mode, judge=judge, nproc=nproc, prep_workers=prep_workers,
+    settings = Settings(work_dir=work_dir, mode=mode, judge=judge, nproc=nproc, judge_base_url=judge_base_url,
+                        judge_nproc=judge_nproc, judge_gpu_share=judge_gpu_share, prep_workers=prep_workers,
                         rerun=rerun, wait=wait, verbose=verbose, truncate=truncate,
                         trust_remote_code=trust_remote_code)
     try:
@@ -238,6 +254,12 @@ def _report(summary, verbose: bool = False) -> None:
                 click.echo(f"  {key}: {value}")
     click.echo(f"predictions: {summary.prediction_file}")
     click.echo(f"run report: {summary.report_file}")
+    judge = summary.judge or {}
+    if judge.get("base_url") or judge.get("calls") is not None:
+        rate = f", {judge['calls_per_s']:.1f} calls/s" if judge.get("calls_per_s") else ""
+        click.echo(f"judge {judge.get('model')}: {judge.get('calls')} calls, {judge.get('failures')} failed"
+                   f"{rate}, {judge.get('time_s', 0):.1f}s" + (f" (server start {judge['server_start_s']:.1f}s)"
+                                                              if judge.get("server_start_s") else ""))
     if summary.score is not None:
         click.echo("score:")
         click.echo(summary.score.to_string(index=False) if hasattr(summary.score, "to_string")

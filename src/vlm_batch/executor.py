@@ -58,6 +58,9 @@ class Settings:
     mode: str = "all"
     judge: str = bridge.DEFAULT_JUDGE
     nproc: int = 4
+    judge_base_url: str | None = None  # a judge server the user runs (VLMEvalKit's --judge-base-url)
+    judge_nproc: int = 64              # concurrent calls to a local or --judge-base-url judge
+    judge_gpu_share: float | None = None   # a local judge's GPU memory share: it then runs beside the engine
     prep_workers: int = 0
     rerun: bool = False
     wait: bool = False
@@ -72,6 +75,7 @@ class Executor:
         self.placement, self.settings, self.datasets = placement, settings, datasets
         self.progress = progress
         self.engine_times: dict = {}     # the last model's engine: began, ready, closed
+        self.judges = None               # the suite's JudgeService (one judge server for every dataset)
 
     # -- the line ----------------------------------------------------------------------------------
 
@@ -87,6 +91,8 @@ class Executor:
             if s.mode != "eval":   # before any engine starts: a second run of the same refuses at once
                 self.placement.on_writer("locks", lambda: [locks.take(state.RunLock(s.work_dir, card.name, n),
                                                                       s.wait) for n in left])
+            if s.mode != "eval" and self.judges is not None:
+                self.judges.engine_started()
             start = self.placement.start(card, engine, options) if s.mode != "eval" else None
             timeline.mark("engine_start")   # its library's imports and its process's spawn, here
             try:
@@ -100,6 +106,8 @@ class Executor:
                 if start is not None:
                     start.close()
                     self.engine_times = start.times()
+                if self.judges is not None:
+                    self.judges.engine_released()
         finally:
             locks.release_all()
         done.update({r.name: r.summary for r in results})
@@ -213,6 +221,8 @@ class Executor:
                         if run.journal is not None and run.left:
                             run.journal.close()   # the unfinished: closed between records, for a rerun
             start.close()
+            if self.judges is not None:
+                self.judges.engine_released()   # a judge waiting for the GPU may start now
             timeline.mark("shutdown")
             finisher.wait(timeline)
         finally:
@@ -275,7 +285,7 @@ class Finisher:
         t2 = time.time()
         self.intervals.append(("writing", t1, t2))
         if s.mode in ("all", "eval"):
-            score(run.dataset, summary, s.judge, s.nproc)
+            score(run.dataset, summary, s.judge, s.nproc, self.executor.judges)
         t3 = time.time()
         self.intervals.append(("scoring", t2, t3))
         summary.timings = {"writing_s": round(t2 - t1, 3), "scoring_s": round(t3 - t2, 3),
@@ -294,8 +304,12 @@ class Finisher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def score(dataset, summary: RunSummary, judge: str, nproc: int) -> None:
-    """VLMEvalKit's scoring of the prediction file; a failure is reported, the predictions kept."""
+def score(dataset, summary: RunSummary, judge: str, nproc: int, judges=None) -> None:
+    """VLMEvalKit's scoring of the prediction file; a failure is reported, the predictions kept.
+
+    With a local judge (or --judge-base-url), `judges` gives the suite's one judge server; datasets
+    VLMEvalKit scores by rule do not wait for it. Other judges are VLMEvalKit's as it names them.
+    """
     import os
 
     if not os.path.exists(summary.prediction_file):
@@ -303,8 +317,18 @@ def score(dataset, summary: RunSummary, judge: str, nproc: int) -> None:
                               "(run with --mode infer or all first)")
         log.error("%s: %s", summary.dataset, summary.eval_error)
         return
+    from . import judge as judging
+
     try:
-        summary.score = bridge.evaluate(dataset, summary.prediction_file, judge=judge, nproc=nproc)
+        if judges is not None and (judges.local or judges.base_url) and judging.needs_llm(dataset):
+            summary.score, summary.judge = judging.score_with(dataset, summary.prediction_file, judges.get())
+        else:
+            summary.score = bridge.evaluate(dataset, summary.prediction_file, judge=judge, nproc=nproc)
+            summary.judge = {"model": judge, "name": judge} if judge != bridge.DEFAULT_JUDGE else {}
+    except judging.JudgeError as exc:
+        summary.eval_error = f"judge: {exc}"
+        summary.judge = exc.stats or {"model": judge, "name": judge, "error": str(exc)}
+        log.error("%s: scoring stopped: %s", summary.dataset, exc)
     except Exception as exc:   # the predictions are written; say why scoring failed, keep them
         summary.eval_error = f"{type(exc).__name__}: {exc}"
         log.error("%s: VLMEvalKit's evaluation failed: %s", summary.dataset, summary.eval_error)

@@ -41,6 +41,7 @@ class RunSummary:
     error: str | None = None                     # the model could not run at all (e.g. its engine)
     engine_fallback: str | None = None           # why the engine asked for was not used
     truncated: int = 0                           # items whose text --truncate cut to fit the context
+    judge: dict = field(default_factory=dict)    # the LLM judge's model, calls, failures, calls/s, time
 
     @property
     def items_per_s(self) -> float:
@@ -119,6 +120,7 @@ def run_report(summary: RunSummary, card) -> dict:
         "batch_fill": fill, "splits": processor.get("splits", 0), "fallbacks": processor.get("fallbacks", 0),
         "prediction_file": summary.prediction_file,
         "score": _score(summary.score), "eval_error": summary.eval_error,
+        "judge": summary.judge or None,
     }
 
 
@@ -167,9 +169,13 @@ def summary_rows(summaries: list[RunSummary]) -> list[dict]:
     rows = []
     for s in summaries:
         metric, value = main_score(s.score)
+        judge = s.judge or {}
         rows.append({"dataset": s.dataset, "model": s.model, "metric": metric,
                      "score": None if value is None else round(value, 4), "items": s.items,
                      "failed": len(s.failed), "items_per_s": round(s.items_per_s, 2),
+                     "judge": judge.get("model"), "judge_calls": judge.get("calls"),
+                     "judge_failures": judge.get("failures"), "judge_calls_per_s": judge.get("calls_per_s"),
+                     "judge_s": judge.get("time_s"),
                      "status": ("error: " + s.error) if s.error else ("evaluation failed" if s.eval_error
                                else ("reused" if s.skipped else "done"))})
     return rows

@@ -100,8 +100,16 @@ def run_suite(plan: Plan, settings: Settings, *, options: dict | None = None, li
     began = time.time() if started is None else started
     timeline = Timeline(began)
     timeline.mark("imports")
-    with placement:
+    from .judge import JudgeService
+
+    judges = JudgeService(settings.judge, base_url=settings.judge_base_url, nproc=settings.judge_nproc,
+                          trust_remote_code=settings.trust_remote_code,
+                          share_gpu=settings.judge_gpu_share is not None,
+                          serve_args=(["--gpu-memory-utilization", str(settings.judge_gpu_share)]
+                                      if settings.judge_gpu_share is not None else None))
+    with placement, judges:   # the judge server, if one started, is stopped on every way out
         executor = Executor(placement, settings, dataset, progress)
+        executor.judges = judges
         for spec in plan.models:
             if len(result.models):
                 timeline = Timeline()

@@ -528,12 +528,53 @@ def drop_scoring_files(path: str) -> list[str]:
     return gone
 
 
-def evaluate(dataset, path: str, judge: str = DEFAULT_JUDGE, nproc: int = 4):
-    """VLMEvalKit's own scoring of the prediction file; `exact_matching` needs no network."""
+def scoring_caches(path: str) -> list[str]:
+    """VLMEvalKit's judge caches (`.pkl`) beside this prediction file: per item, what its judge said."""
+    from vlmeval.smp.file import fetch_aux_files
+
+    return [aux for aux in fetch_aux_files(path) if aux.endswith(".pkl") and osp.isfile(aux)]
+
+
+def drop_scores(path: str) -> list[str]:
+    """VLMEvalKit's score files of this prediction file, not its judge caches: after a scoring that
+    did not finish, the caches hold what was judged and the score files must not look final."""
+    from vlmeval.smp.file import fetch_aux_files
+
+    gone = []
+    for aux in fetch_aux_files(path):
+        if osp.abspath(aux) == osp.abspath(path) or aux.endswith(("_run.json", ".pkl")) or not osp.isfile(aux):
+            continue
+        os.remove(aux)
+        gone.append(aux)
+    return gone
+
+
+FALLBACK_WARNING = "will use exact matching"   # VLMEvalKit's words when its judge's working() check fails
+
+
+class JudgeFellBack(RuntimeError):
+    """VLMEvalKit found the judge not working and scored by exact matching instead."""
+
+
+def evaluate(dataset, path: str, judge: str = DEFAULT_JUDGE, nproc: int = 4, *, strict_judge: bool = False,
+             **judge_kwargs):
+    """VLMEvalKit's own scoring of the prediction file; `exact_matching` needs no network.
+
+    `judge_kwargs` are VLMEvalKit's judge arguments (`api_base`, `key`, ...). With `strict_judge`, a judge
+    VLMEvalKit finds not working is an error (JudgeFellBack) instead of its quiet fall back to exact matching.
+    """
     if type(dataset).__name__ == "CustomVQADataset":   # its evaluate raises a bare NotImplementedError
         raise DatasetError(f"VLMEvalKit loads the local TSV '{dataset.dataset_name}' (no options) as its "
                            "CustomVQADataset, which cannot score; name its kind with --kind yorn|vqa|mcq "
                            "(or a config `class`) and rerun with --mode eval")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return dataset.evaluate(path, model=judge, nproc=nproc)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = dataset.evaluate(path, model=judge, nproc=nproc, **judge_kwargs)
+    if judge != DEFAULT_JUDGE and any(FALLBACK_WARNING in str(w.message) for w in caught):
+        if strict_judge:
+            raise JudgeFellBack(f"VLMEvalKit found the judge {judge} not working and fell back to exact matching")
+        import logging
+
+        logging.getLogger(__name__).warning("%s: VLMEvalKit found the judge %s not working (no API key?) and "
+                                            "scored by exact matching", dataset.dataset_name, judge)
+    return result

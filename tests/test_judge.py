@@ -1,0 +1,338 @@
+"""A local LLM judge: a real `vllm serve` on CPU of a tiny text model trained to answer "B".
+
+Predictions that exact matching cannot map are scored through it by VLMEvalKit's own MCQ evaluate;
+the score the judge's "B" implies differs from exact matching's, so the tests fail if the judge's
+answers were not used. One server serves the module; the kill test and the CLI start their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import shape_rows, write_dataset
+
+UNSURE = "I really cannot tell from this picture."   # no option letter, no option's text
+
+
+def _predictions(rows, every: int = 3) -> dict:
+    """Every `every`-th row answered with its right letter; the rest with words nothing can map."""
+    return {row["index"]: (row["answer"] if i % every == 0 else UNSURE) for i, row in enumerate(rows)}
+
+
+def _expected(rows, preds, letter: str) -> tuple[float, float]:
+    """(exact matching's accuracy, the accuracy when every unmapped prediction is judged `letter`)."""
+    mapped = sum(1 for r in rows if preds[r["index"]] == r["answer"])
+    judged = sum(1 for r in rows if preds[r["index"]] == UNSURE and r["answer"] == letter)
+    return mapped / len(rows), (mapped + judged) / len(rows)
+
+
+def _setup(lmudata, tmp_path, name: str, n: int, model: str = "tiny-qwen2-vl"):
+    from vlm_batch import vlmeval_bridge as bridge
+
+    rows = shape_rows(n, seed=11)
+    write_dataset(lmudata, name, rows)
+    dataset = bridge.load_dataset(name)
+    preds = _predictions(rows)
+    path = bridge.prediction_file(str(tmp_path / "outputs"), model, name)
+    bridge.write_predictions(dataset, preds, path)
+    return rows, dataset, preds, path
+
+
+def _overall(score) -> float:
+    from vlm_batch.report import main_score
+
+    return main_score(score)[1]
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on it (connections the server closed may still wait in TIME_WAIT)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _servers_of(model: str, port: int | None = None) -> list:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "vllm.entrypoints.openai.api_server" in cmd and model in cmd and (port is None or str(port) in cmd):
+            found.append(p)
+    return found
+
+
+@pytest.fixture(scope="module")
+def judge_model():
+    from vlm_batch import tiny_judge
+
+    return tiny_judge.checkpoint()
+
+
+@pytest.fixture(scope="module")
+def server(judge_model):
+    """The module's judge server; a start costs 20-45 s here."""
+    from vlm_batch.judge import JudgeServer
+
+    started = time.time()
+    srv = JudgeServer(judge_model, served_name="tiny-judge").start()
+    print(f"\njudge server up in {time.time() - started:.1f}s on {srv.base_url}")
+    yield srv
+    srv.close()
+
+
+def test_local_judge_scores_what_its_answers_imply(server, lmudata, tmp_path):
+    """The score is the one "B" for every unmapped prediction gives, not exact matching's; the
+    server took many of the calls at once, and counted them."""
+    from vlm_batch import tiny_judge
+    from vlm_batch import vlmeval_bridge as bridge
+    from vlm_batch.judge import Judge, score_with
+
+    rows, dataset, preds, path = _setup(lmudata, tmp_path, "JudgeShapesA", 48)
+    exact, judged = _expected(rows, preds, tiny_judge.LETTER)
+    assert exact != judged   # the set is built so the judge matters
+
+    other = tmp_path / "exact" / "tiny-qwen2-vl"
+    other.mkdir(parents=True)
+    exact_path = str(other / Path(path).name)
+    bridge.write_predictions(dataset, preds, exact_path)
+    assert _overall(bridge.evaluate(dataset, exact_path)) == pytest.approx(exact)
+
+    judge = Judge(name="tiny-judge", base_url=server.base_url, nproc=64, model="tiny-judge", server=server)
+    score, stats = score_with(dataset, path, judge)
+    assert _overall(score) == pytest.approx(judged)
+    unmapped = sum(1 for v in preds.values() if v == UNSURE)
+    # one call per unmapped item (its "B" maps at once) and VLMEvalKit's two working() checks
+    assert stats["calls"] == unmapped + 2, stats
+    assert stats["failures"] == 0
+    print(f"\njudge: {stats}")
+    result = pickle.loads(Path(path.replace(".xlsx", "_tiny-judge_result.pkl")).read_bytes())
+    assert all(result[i]["log"] == "Match Log: B. " for i, v in preds.items() if v == UNSURE)
+
+
+def test_server_answers_concurrent_requests_in_one_batch(server):
+    """16 requests at once: all answered "B", and the server's metrics show them decoded together
+    (more generated tokens than engine steps; one at a time, each step would make one token)."""
+    import urllib.request
+
+    from vlm_batch.judge import Watch, metrics
+
+    before = metrics(server.base_url)
+    watch = Watch(server.base_url, every=0.02)
+    barrier = threading.Barrier(16)
+    answers = []
+
+    def ask():
+        body = json.dumps({"model": "tiny-judge", "messages": [{"role": "user", "content": "hello"}],
+                           "max_tokens": 200, "ignore_eos": True, "temperature": 0}).encode()
+        request = urllib.request.Request(server.base_url + "/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+        barrier.wait()
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            answers.append(json.loads(resp.read())["choices"][0]["message"]["content"])
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen = watch.stop()
+    print(f"\nconcurrent: {seen}")
+    assert len(answers) == 16 and all(a.startswith("B") for a in answers)
+    assert metrics(server.base_url)["calls"] - before["calls"] == 16
+    assert seen["tokens_per_step"] > 2, seen
+
+
+def test_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path):
+    from vlm_batch.judge import JudgeError, JudgeServer
+
+    missing = str(tmp_path / "no-such-model")
+    os.makedirs(missing)
+    (Path(missing) / "config.json").write_text("{}")
+    srv = JudgeServer(missing, served_name="broken")
+    with pytest.raises(JudgeError, match="exited with status") as info:
+        srv.start()
+    assert "\n" not in str(info.value)
+    print(f"\n{info.value}")
+    assert not _servers_of(missing)
+    assert _port_free(srv.port)
+
+
+def test_cli_judge_base_url_uses_a_running_server(server, lmudata, tmp_path):
+    """`--judge-base-url` (VLMEvalKit's flag): the judge a user already runs, its model found by asking it."""
+    from vlm_batch import tiny_judge
+
+    rows, _dataset, preds, path = _setup(lmudata, tmp_path, "JudgeShapesB", 24)
+    _exact, judged = _expected(rows, preds, tiny_judge.LETTER)
+    out = subprocess.run([sys.executable, "-m", "vlm_batch", "eval", "--mode", "eval", "--model", "tiny-qwen2-vl",
+                          "--dataset", "JudgeShapesB", "--work-dir", str(tmp_path / "outputs"),
+                          "--judge-base-url", server.base_url], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(Path(path.replace(".xlsx", "_run.json")).read_text())
+    assert report["judge"]["model"] == "tiny-judge"
+    assert report["judge"]["calls"] == sum(v == UNSURE for v in preds.values()) + 2
+    assert _overall(report["score"]) == pytest.approx(judged)
+    assert "judge tiny-judge:" in out.stdout
+
+
+def test_judge_killed_mid_scoring_then_rerun_finishes(judge_model, lmudata, tmp_path):
+    """A killed server: a clear error, predictions intact, failed calls not cached; then
+    `vlm-batch eval --mode eval --judge PATH` starts its own server, judges only the rest, and stops it."""
+    from vlm_batch import tiny_judge
+    from vlm_batch.judge import Judge, JudgeError, JudgeServer, score_with
+
+    rows, dataset, preds, path = _setup(lmudata, tmp_path, "JudgeShapesC", 90)
+    _exact, judged = _expected(rows, preds, tiny_judge.LETTER)
+    before = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    served = Path(judge_model).name   # the name `--judge PATH` serves it under: VLMEvalKit's caches go by it
+    cache = Path(path.replace(".xlsx", f"_{served}_result.pkl"))
+
+    srv = JudgeServer(judge_model, served_name=served).start()
+    try:
+        judge = Judge(name=served, base_url=srv.base_url, nproc=2, model=judge_model, server=srv)
+        outcome = {}
+
+        def scoring():
+            try:
+                outcome["score"] = score_with(dataset, path, judge)
+            except JudgeError as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=scoring)
+        thread.start()
+        deadline = time.time() + 120
+        while time.time() < deadline:   # a few items judged: kill the server under the rest
+            try:
+                if len(pickle.loads(cache.read_bytes())) >= 8:
+                    break
+            except (OSError, EOFError, pickle.UnpicklingError):
+                pass
+            time.sleep(0.05)
+        os.kill(srv.pid, signal.SIGKILL)
+        thread.join(300)
+    finally:
+        srv.close()
+    assert "error" in outcome, outcome
+    message = str(outcome["error"])
+    print(f"\n{message}")
+    assert "died while scoring JudgeShapesC" in message and "--mode eval" in message and "\n" not in message
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
+    assert not Path(path.replace(".xlsx", "_acc.csv")).exists()   # no score that looks final
+    judged_before = pickle.loads(cache.read_bytes())
+    assert judged_before and not any("Failed" in v["log"] for v in judged_before.values())   # no random picks
+    left = sum(1 for i, v in preds.items() if v == UNSURE and i not in judged_before)
+    assert left > 0
+
+    rows_d, _d, preds_d, path_d = _setup(lmudata, tmp_path, "JudgeShapesD", 24)   # a suite: one server for both
+    out = subprocess.run([sys.executable, "-m", "vlm_batch", "eval", "--mode", "eval", "--model", "tiny-qwen2-vl",
+                          "--dataset", "JudgeShapesC", "JudgeShapesD", "--work-dir", str(tmp_path / "outputs"),
+                          "--judge", judge_model], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(Path(path.replace(".xlsx", "_run.json")).read_text())
+    other = json.loads(Path(path_d.replace(".xlsx", "_run.json")).read_text())
+    print(f"rerun judge: {report['judge']}\nsecond dataset: {other['judge']}")
+    assert other["judge"]["base_url"] == report["judge"]["base_url"]   # the same server
+    assert _overall(other["score"]) == pytest.approx(_expected(rows_d, preds_d, tiny_judge.LETTER)[1])
+    summary = json.loads((tmp_path / "outputs" / "summary.json").read_text())
+    assert {r["dataset"]: r["judge_calls"] for r in summary} == {"JudgeShapesC": report["judge"]["calls"],
+                                                                "JudgeShapesD": other["judge"]["calls"]}
+    assert _overall(report["score"]) == pytest.approx(judged)
+    assert report["judge"]["name"] == served
+    assert report["judge"]["calls"] == left + 2   # only what was not judged, and the two working() checks
+    port = int(report["judge"]["base_url"].rsplit(":", 1)[1].split("/")[0])
+    assert not _servers_of(judge_model, port)   # (the module's own server, on another port, still runs)
+    assert _port_free(port)
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
+
+
+GUARDED_PARENT = r'''
+import subprocess, sys, time
+guard = subprocess.Popen([sys.executable, "-m", "vlm_batch.judge", "--guard", str(__import__("os").getpid()),
+                          sys.argv[1], "--", sys.executable, "-c", "import time; time.sleep(600)"],
+                         start_new_session=True)
+print(guard.pid, flush=True)
+time.sleep(600)
+'''
+
+
+def test_guard_stops_the_server_when_its_parent_is_killed(tmp_path):
+    """A crash (SIGKILL) of the process that started the server: the guard stops the server's group.
+    The command under the guard is a stand-in (a sleeping Python); the guard is the real one."""
+    pid_file = tmp_path / "server.pid"
+    parent = subprocess.Popen([sys.executable, "-c", GUARDED_PARENT, str(pid_file)], stdout=subprocess.PIPE, text=True)
+    guard = int(parent.stdout.readline())
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    server = int(pid_file.read_text())
+    assert psutil.pid_exists(server)
+    parent.kill()
+    parent.wait()
+    procs = [psutil.Process(server), psutil.Process(guard)]
+    gone, alive = psutil.wait_procs(procs, timeout=30)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, "the server or its guard outlived the process that started them"
+
+
+def test_on_one_gpu_the_judge_waits_for_the_engine(monkeypatch):
+    """Pure ordering logic, with a stand-in server: on a GPU, the judge's server starts only once the
+    evaluated model's engine is released, and is stopped before the next model's engine starts."""
+    from vlm_batch import engines, judge
+
+    events = []
+
+    class Server:
+        def __init__(self, model, **kwargs):
+            self.served_name, self.base_url, self.started_s = "stand-in", "http://127.0.0.1:1/v1", 0.0
+
+        def start(self):
+            events.append("judge started")
+            return self
+
+        def close(self):
+            events.append("judge stopped")
+
+    monkeypatch.setattr(engines, "on_gpu", lambda: True)
+    monkeypatch.setattr(judge, "JudgeServer", Server)
+    monkeypatch.setattr(judge, "is_local", lambda name: True)
+    monkeypatch.setattr(judge, "resolve", lambda name: name)
+    service = judge.JudgeService("some/judge")
+    service.engine_started()
+    waiter = threading.Thread(target=lambda: events.append(("got", service.get().name)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and events == []          # scoring waits while the engine holds the GPU
+    events.append("engine released")
+    service.engine_released()
+    waiter.join(10)
+    assert events == ["engine released", "judge started", ("got", "stand-in")]
+    service.engine_started()                              # the next model's engine
+    assert events[-1] == "judge stopped" and service.server is None
+    shared = judge.JudgeService("some/judge", share_gpu=True)
+    shared.engine_started()
+    assert shared.engine_free.is_set()                    # with a share given, nothing waits
+
+
+def test_cli_judge_path_that_does_not_exist_fails_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from vlm_batch.cli import cli
+
+    result = CliRunner().invoke(cli, ["eval", "--judge", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "no such checkpoint folder" in result.output
