@@ -132,20 +132,24 @@ def test_server_answers_concurrent_requests_in_one_batch(server):
 
     from vlm_batch.judge import Watch, metrics
 
-    before = metrics(server.base_url)
-    watch = Watch(server.base_url, every=0.02)
     barrier = threading.Barrier(16)
     answers = []
 
-    def ask():
+    def ask(wait: bool = True):
+        # long answers (ignore_eos): requests that reach the server a little apart still overlap
         body = json.dumps({"model": "tiny-judge", "messages": [{"role": "user", "content": "hello"}],
-                           "max_tokens": 200, "ignore_eos": True, "temperature": 0}).encode()
+                           "max_tokens": 1000, "ignore_eos": True, "temperature": 0}).encode()
         request = urllib.request.Request(server.base_url + "/chat/completions", body,
                                          {"Content-Type": "application/json"})
-        barrier.wait()
-        with urllib.request.urlopen(request, timeout=120) as resp:
+        if wait:
+            barrier.wait()
+        with urllib.request.urlopen(request, timeout=300) as resp:
             answers.append(json.loads(resp.read())["choices"][0]["message"]["content"])
 
+    ask(wait=False)   # a first request of its own: whatever a fresh server does once is not measured
+    answers.clear()
+    before = metrics(server.base_url)
+    watch = Watch(server.base_url, every=0.02)
     threads = [threading.Thread(target=ask) for _ in range(16)]
     for t in threads:
         t.start()
@@ -336,3 +340,91 @@ def test_cli_judge_path_that_does_not_exist_fails_in_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["eval", "--judge", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "no such checkpoint folder" in result.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "crash"])
+def test_cli_stopped_while_judging_leaves_no_server(sig, judge_model, lmudata, tmp_path):
+    """`vlm-batch eval --judge PATH` interrupted (Ctrl-C) or killed (a crash) while its judge works:
+    the real server and its guard are gone soon after, the port is free, the predictions intact;
+    Ctrl-C stops the judging rather than waiting for it, and keeps what was judged."""
+    from vlm_batch.judge import metrics
+
+    name = f"JudgeShapesStop{int(sig)}"
+    rows, _dataset, preds, path = _setup(lmudata, tmp_path, name, 600)
+    unsure = {i for i, v in preds.items() if v == UNSURE}
+    before = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    cache = Path(path.replace(".xlsx", f"_{Path(judge_model).name}_result.pkl"))
+    cli = subprocess.Popen([sys.executable, "-m", "vlm_batch", "eval", "--mode", "eval", "--model", "tiny-qwen2-vl",
+                            "--dataset", name, "--work-dir", str(tmp_path / "outputs"), "--judge", judge_model],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, ours, port = time.time() + 300, [], None
+        while time.time() < deadline and cli.poll() is None:   # judging has begun: the server took calls
+            if port is None:
+                ours = psutil.Process(cli.pid).children(recursive=True)
+                servers = [p for p in ours if "vllm.entrypoints.openai.api_server" in (p.cmdline() or [])]
+                if servers:
+                    port = int(servers[0].cmdline()[servers[0].cmdline().index("--port") + 1])
+            elif (metrics(f"http://127.0.0.1:{port}/v1") or {"calls": 0})["calls"] >= 20:
+                break
+            time.sleep(0.1)
+        assert cli.poll() is None and port is not None, cli.communicate()[1][-3000:]
+        ours = psutil.Process(cli.pid).children(recursive=True)
+        cli.send_signal(sig)
+        sent = time.time()
+        _out, err = cli.communicate(timeout=120)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    _gone, alive = psutil.wait_procs(ours, timeout=60)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
+    assert _port_free(port)
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
+    if sig == signal.SIGINT:
+        assert cli.returncode == 130 and "Interrupted" in err, err[-3000:]
+        judged = {i: v for i, v in pickle.loads(cache.read_bytes()).items() if i in unsure}
+        print(f"\nCtrl-C: exited {time.time() - sent:.1f}s after it, {len(judged)} of {len(unsure)} judged")
+        assert 0 < len(judged) < len(unsure)   # stopped, not waited for
+        assert not any("Failed" in v["log"] for v in judged.values())   # no random picks kept
+
+
+def test_judged_scoring_waits_for_the_engine_without_holding_up_the_rest(monkeypatch, tmp_path):
+    """Pure ordering logic, stand-ins for the datasets and the scoring: on a GPU, while the engine runs,
+    a dataset that needs the local judge is put off; one VLMEvalKit scores by rule, finished after it,
+    is scored at once; the first is scored once the engine is released, in `wait`."""
+    from types import SimpleNamespace
+
+    from vlm_batch import engines, executor, judge, report
+    from vlm_batch.timeline import Timeline
+
+    class ImageMCQDataset:
+        dataset_name = "Judged"
+
+    class ImageVQADataset:
+        dataset_name = "ByRule"
+
+    scored = []
+    monkeypatch.setattr(engines, "on_gpu", lambda: True)
+    monkeypatch.setattr(judge, "is_local", lambda name: True)
+    monkeypatch.setattr(executor, "score", lambda dataset, summary, *a: scored.append(dataset.dataset_name))
+    monkeypatch.setattr(report, "write_run_report", lambda summary, card: None)
+    service = judge.JudgeService("some/judge")
+    owner = SimpleNamespace(settings=executor.Settings(work_dir=str(tmp_path)), placement=None, judges=service)
+    finisher = executor.Finisher(owner, SimpleNamespace(name="m"), None)
+
+    def run(dataset):
+        summary = report.RunSummary(model="m", dataset=dataset.dataset_name,
+                                    prediction_file=str(tmp_path / f"{dataset.dataset_name}.xlsx"))
+        return executor.DatasetRun(dataset=dataset, summary=summary, journal_file="", positions=[])
+
+    service.engine_started()
+    judged, by_rule = run(ImageMCQDataset()), run(ImageVQADataset())
+    finisher.submit(judged, infer=False)
+    finisher.submit(by_rule, infer=False)
+    by_rule.finished.result(10)
+    assert scored == ["ByRule"] and finisher.deferred == [judged]
+    service.engine_released()
+    finisher.wait(Timeline())
+    finisher.shutdown()
+    assert scored == ["ByRule", "Judged"]

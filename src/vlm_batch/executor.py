@@ -44,6 +44,7 @@ class DatasetRun:
     left: int = 0
     first_at: float | None = None
     last_at: float | None = None
+    written_s: float = 0.0             # writing its prediction file
     share_from: float | None = None    # its share of the stream began: when the dataset before it finished
     finished: Future | None = None
 
@@ -225,6 +226,9 @@ class Executor:
                 self.judges.engine_released()   # a judge waiting for the GPU may start now
             timeline.mark("shutdown")
             finisher.wait(timeline)
+        except KeyboardInterrupt:
+            finisher.interrupt()
+            raise
         finally:
             finisher.shutdown()
         return runs
@@ -237,6 +241,9 @@ class Executor:
             for run in runs:
                 finisher.submit(run, infer=False)
             finisher.wait(timeline)
+        except KeyboardInterrupt:
+            finisher.interrupt()
+            raise
         finally:
             finisher.shutdown()
         return runs
@@ -250,6 +257,7 @@ class Finisher:
         self.executor, self.card, self.locks = executor, card, locks
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-batch-finish")
         self.futures: list[Future] = []
+        self.deferred: list[DatasetRun] = []   # written, their scoring waiting for the engine's release
         self.intervals: list[tuple[str, float, float]] = []
 
     def submit(self, run: DatasetRun, infer: bool = True) -> None:
@@ -282,13 +290,22 @@ class Finisher:
                         self.locks.release(lock)
         else:
             t1 = t0
+        self.intervals.append(("writing", t1, time.time()))
+        run.written_s = time.time() - t1
+        judges = self.executor.judges
+        if s.mode in ("all", "eval") and judges is not None and judges.waits_for_engine(run.dataset):
+            self.deferred.append(run)   # its judge needs the GPU the engine holds: scored in `wait`
+            return
+        self._score(run)
+
+    def _score(self, run: DatasetRun) -> None:
+        s, summary = self.executor.settings, run.summary
         t2 = time.time()
-        self.intervals.append(("writing", t1, t2))
         if s.mode in ("all", "eval"):
             score(run.dataset, summary, s.judge, s.nproc, self.executor.judges)
         t3 = time.time()
         self.intervals.append(("scoring", t2, t3))
-        summary.timings = {"writing_s": round(t2 - t1, 3), "scoring_s": round(t3 - t2, 3),
+        summary.timings = {"writing_s": round(run.written_s, 3), "scoring_s": round(t3 - t2, 3),
                            "scoring_started_at": t2, "scoring_ended_at": t3,
                            "first_answer_at": run.first_at, "last_answer_at": run.last_at}
         summary.report_file = report.report_path(summary.prediction_file, summary.model, summary.dataset)
@@ -296,9 +313,20 @@ class Finisher:
         self.intervals.append(("writing", t3, time.time()))
 
     def wait(self, timeline: Timeline) -> None:
+        """Every dataset finished; then those whose judge waited for the engine (released by now)."""
         for future in self.futures:
             future.result()
+        deferred, self.deferred = self.deferred, []
+        for future in [self.pool.submit(self._score, run) for run in deferred]:
+            future.result()
         timeline.wait(self.intervals, rest="finishing")
+
+    def interrupt(self) -> None:
+        """Ctrl-C: a scoring that is judging ends now (its server stopped; what was judged stays cached)
+        instead of being waited for; writing and rule-based scoring are short and finish."""
+        self.deferred = []
+        if self.executor.judges is not None:
+            self.executor.judges.close()
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -320,7 +348,7 @@ def score(dataset, summary: RunSummary, judge: str, nproc: int, judges=None) -> 
     from . import judge as judging
 
     try:
-        if judges is not None and (judges.local or judges.base_url) and judging.needs_llm(dataset):
+        if judges is not None and judges.scores(dataset):
             summary.score, summary.judge = judging.score_with(dataset, summary.prediction_file, judges.get())
         else:
             summary.score = bridge.evaluate(dataset, summary.prediction_file, judge=judge, nproc=nproc)

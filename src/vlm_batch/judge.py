@@ -118,6 +118,8 @@ class JudgeServer:
         self.proc: subprocess.Popen | None = None
         self.log_path: str | None = None
         self.started_s: float | None = None     # from the spawn to the first answer
+        self.stopped = False                     # by `close`, not by dying
+        self.proc_returncode: int | None = None
 
     @property
     def base_url(self) -> str:
@@ -187,6 +189,7 @@ class JudgeServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        self.stopped = True
         atexit.unregister(self.close)
         for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
             try:
@@ -290,10 +293,6 @@ class Judge:
     server: JudgeServer | None = None      # ours, when we started it
     stats: list = field(default_factory=list)
 
-    @property
-    def llm(self) -> bool:
-        return self.name != EXACT
-
     def kwargs(self) -> dict:
         """VLMEvalKit's judge arguments (`dataset.evaluate(path, **kwargs)`), as its run.py builds them."""
         out = {"model": self.name, "nproc": self.nproc}
@@ -355,24 +354,34 @@ def served_models(base_url: str) -> list[str]:
 
 # -- judge caches --------------------------------------------------------------------------------------
 
+def _caches(prediction_file: str):
+    """(path, contents) of VLMEvalKit's judge caches beside this prediction file, under the work dir
+    the user gave; VLMEvalKit's own evaluate unpickles the same files."""
+    import pickle
+
+    from .vlmeval_bridge import scoring_caches
+
+    for cache in scoring_caches(prediction_file):
+        try:
+            with open(cache, "rb") as fh:
+                data = pickle.load(fh)
+        except Exception:
+            continue
+        if isinstance(data, dict):
+            yield cache, data
+
+
 def forget_failed(prediction_file: str, extra: tuple = ()) -> int:
     """Drop, from VLMEvalKit's judge caches of this prediction file, the items whose judge call failed
     (VLMEvalKit caches a random pick for them): a later `--mode eval` judges exactly those again.
     Returns how many were dropped."""
     import pickle
 
-    from .vlmeval_bridge import scoring_caches
-
     dropped = 0
-    for cache in scoring_caches(prediction_file):
-        try:
-            with open(cache, "rb") as fh:   # VLMEvalKit's own cache, under the user's work dir
-                data = pickle.load(fh)
-        except Exception:
-            continue
-        if not isinstance(data, dict):
-            continue
-        bad = [k for k, v in data.items() if any(m in str(v) for m in FAILED_MARKERS + tuple(extra))]
+    for cache, data in _caches(prediction_file):
+        # a Y/N cache holds the judge's word; "Unknown" is what a failed call leaves (asked again anyway)
+        bad = [k for k, v in data.items()
+               if v == "Unknown" or any(m in str(v) for m in FAILED_MARKERS + tuple(extra))]
         if bad:
             for k in bad:
                 del data[k]
@@ -382,23 +391,6 @@ def forget_failed(prediction_file: str, extra: tuple = ()) -> int:
             os.replace(tmp, cache)
             dropped += len(bad)
     return dropped
-
-
-def count_failed(prediction_file: str) -> int:
-    import pickle
-
-    from .vlmeval_bridge import scoring_caches
-
-    total = 0
-    for cache in scoring_caches(prediction_file):
-        try:
-            with open(cache, "rb") as fh:
-                data = pickle.load(fh)
-        except Exception:
-            continue
-        if isinstance(data, dict):
-            total += sum(1 for v in data.values() if any(m in str(v) for m in FAILED_MARKERS))
-    return total
 
 
 # -- the guard -----------------------------------------------------------------------------------------
@@ -426,11 +418,6 @@ def _guard(parent: int, pid_file: str, argv: list[str]) -> int:
     os.killpg(0, signal.SIGTERM)
     return child.returncode
 
-
-if __name__ == "__main__":
-    if len(sys.argv) > 4 and sys.argv[1] == "--guard" and sys.argv[4] == "--":
-        sys.exit(_guard(int(sys.argv[2]), sys.argv[3], sys.argv[5:]))
-    sys.exit("usage: python -m vlm_batch.judge --guard PARENT_PID PID_FILE -- COMMAND ...")
 
 
 # -- scoring through a judge ---------------------------------------------------------------------------
@@ -482,6 +469,10 @@ def score_with(dataset, path: str, judge: Judge):
                  calls_per_s=round(calls / elapsed, 3) if calls and elapsed else None,
                  peak_running=seen.get("peak_running"), tokens_per_step=seen.get("tokens_per_step"))
     judge.stats.append(stats)
+    if died and judge.server.stopped:
+        raise JudgeError(f"the judge server for {judge.model} was stopped (interrupted) while scoring "
+                         f"{dataset.dataset_name}: {lost} items were not judged; the judged ones are cached, the "
+                         f"predictions kept in {path}: rerun with --mode eval to judge the rest", stats)
     if died:
         raise JudgeError(f"the judge server for {judge.model} died while scoring {dataset.dataset_name} "
                          f"(exit status {judge.server.proc.returncode if judge.server.proc else '?'}): "
@@ -509,9 +500,14 @@ class JudgeService:
         self.engine_free.set()
         self.share_gpu = share_gpu
 
-    @property
-    def llm(self) -> bool:
-        return self.name != EXACT or self.base_url is not None
+    def scores(self, dataset) -> bool:
+        """Whether this dataset's scoring goes through the suite's judge (ours or --judge-base-url)."""
+        return (self.local or self.base_url is not None) and needs_llm(dataset)
+
+    def waits_for_engine(self, dataset) -> bool:
+        """Its scoring would wait for the GPU the evaluated model's engine holds: put it off, so the
+        datasets behind it are written and rule-scored meanwhile."""
+        return self.local and not self.engine_free.is_set() and needs_llm(dataset)
 
     def engine_started(self) -> None:
         """The evaluated model's engine is about to take the GPU: a local judge that needs it waits (see
@@ -563,3 +559,9 @@ class JudgeService:
 
     def __exit__(self, *exc):
         self.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 4 and sys.argv[1] == "--guard" and sys.argv[4] == "--":
+        sys.exit(_guard(int(sys.argv[2]), sys.argv[3], sys.argv[5:]))
+    sys.exit("usage: python -m vlm_batch.judge --guard PARENT_PID PID_FILE -- COMMAND ...")
