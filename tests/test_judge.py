@@ -428,3 +428,25 @@ def test_judged_scoring_waits_for_the_engine_without_holding_up_the_rest(monkeyp
     finisher.wait(Timeline())
     finisher.shutdown()
     assert scored == ["ByRule", "Judged"]
+
+
+def test_api_judge_goes_to_vlmevalkit_as_it_names_it(monkeypatch, lmudata, tmp_path, caplog):
+    """`--judge gpt-4o-mini` is VLMEvalKit's API judge, not a model to serve: no key here, so VLMEvalKit
+    falls back to exact matching, as it does on its own, and we say so instead of keeping quiet."""
+    import logging
+
+    from vlm_batch import judge
+    from vlm_batch.executor import score
+    from vlm_batch.report import RunSummary
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    rows, dataset, preds, path = _setup(lmudata, tmp_path, "JudgeShapesApi", 12)
+    service = judge.JudgeService("gpt-4o-mini")
+    assert not service.local and not service.scores(dataset)
+    summary = RunSummary(model="tiny-qwen2-vl", dataset="JudgeShapesApi", prediction_file=path)
+    with caplog.at_level(logging.WARNING):
+        score(dataset, summary, "gpt-4o-mini", 4, service)
+    assert service.server is None
+    assert summary.eval_error is None and summary.judge["model"] == "gpt-4o-mini"
+    assert _overall(summary.score) == pytest.approx(_expected(rows, preds, "B")[0])   # exact matching's
+    assert "judge gpt-4o-mini not working" in caplog.text
