@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 
 EXACT = "exact_matching"
 DEFAULT_NPROC = 64
-# Names VLMEvalKit's `build_judge` maps to its API judges (OpenAI, SiliconFlow, ...): passed on as they are.
-API_JUDGES = {"gpt-4-turbo", "gpt-4-0613", "gpt-4-0125", "gpt-4-0409", "chatgpt-1106", "chatgpt-0125",
-              "gpt-4o", "gpt-4o-0806", "gpt-4o-1120", "gpt-4o-mini", "qwen-7b", "qwen-72b", "deepseek",
-              "llama31-8b"}
 # Markers VLMEvalKit leaves in its judge caches for an item whose judge call failed (see `forget_failed`).
 FAILED_MARKERS = ("Failed to obtain answer via API", "Failed to predict, thus randomly generate one")
 
@@ -49,8 +45,9 @@ class JudgeError(RuntimeError):
 
 
 def is_local(name: str | None) -> bool:
-    """Whether --judge names a model for us to serve (a vlm-batch model, a path, a hub id)."""
-    if not name or name == EXACT or name in API_JUDGES or name.startswith(("gpt-", "o1", "o3", "o4")):
+    """Whether --judge names a model for us to serve (a vlm-batch model, a path, a hub id `org/name`);
+    anything else (gpt-4o-mini, chatgpt-0125, ...) is a judge VLMEvalKit's `build_judge` names."""
+    if not name or name == EXACT:
         return False
     from .plugins import get_models
 

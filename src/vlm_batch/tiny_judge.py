@@ -3,7 +3,7 @@
 Tests and the judge benchmark serve it with vLLM's OpenAI-compatible server as VLMEvalKit's judge.
 Whatever the judge prompt, it answers `LETTER`, so the score VLMEvalKit computes through it is known
 in advance and differs from exact matching's: a test can tell whether the judge's answers were used.
-Built from transformers' own Qwen2 classes, a tokenizer trained here, and a few seconds of training.
+Built from transformers' own Mistral classes (a plain decoder no model family of ours uses), a tokenizer trained here, and a few seconds of training.
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ def _prompts(rng: random.Random, n: int) -> list[str]:
 
 
 def build(path: Path, steps: int = 60, seed: int = 0) -> None:
-    """Train the tiny Qwen2 (2 layers, hidden 64) to answer `LETTER` and stop, then save it."""
+    """Train the tiny decoder (2 layers, hidden 64) to answer `LETTER` and stop, then save it."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM
 
     tok = train_tokenizer(SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, eos_token=END, pad_token="<|endoftext|>")
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                         max_position_embeddings=MAX_LEN, bos_token_id=ids["<|endoftext|>"],
+                         max_position_embeddings=MAX_LEN, sliding_window=None, bos_token_id=ids["<|endoftext|>"],
                          eos_token_id=ids[END], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model = MistralForCausalLM(config).to(torch.float32)
     rng = random.Random(seed)
     answer = tok(LETTER + END, add_special_tokens=False)["input_ids"]
     examples = []
@@ -85,4 +85,4 @@ def build(path: Path, steps: int = 60, seed: int = 0) -> None:
 
 def checkpoint() -> str:
     """The trained tiny judge, built once under the cache (`VLM_BATCH_HOME`)."""
-    return ensure_checkpoint(NAME, build, version="1")
+    return ensure_checkpoint(NAME, build, version="2")
