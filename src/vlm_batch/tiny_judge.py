@@ -61,10 +61,22 @@ def build(path: Path, steps: int = 60, seed: int = 0) -> None:
         examples.append((ids_, answer))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
+    with torch.inference_mode(False), torch.enable_grad():   # an engine in this process may have turned grad off
+        _train(model, opt, examples, steps, config.pad_token_id)
+    model.eval()
+    model.generation_config.eos_token_id = ids[END]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _train(model, opt, examples, steps: int, pad: int) -> None:
+    import torch
+
     for step in range(steps):
         batch = [examples[(step * 8 + i) % len(examples)] for i in range(8)]
         width = max(len(p) + len(a) for p, a in batch)
-        inputs = torch.full((len(batch), width), config.pad_token_id)
+        inputs = torch.full((len(batch), width), pad)
         labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, (p, a) in enumerate(batch):
@@ -76,11 +88,6 @@ def build(path: Path, steps: int = 60, seed: int = 0) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    model.generation_config.eos_token_id = ids[END]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
 
 
 def checkpoint() -> str:
