@@ -25,6 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,26 +309,13 @@ class Judge:
                              f"{self.server.log_tail()}")
         from vlmeval.dataset.utils.judge_util import build_judge
 
-        kwargs = dict(self.kwargs())
-        kwargs.pop("nproc", None)
-        with _quiet_vlmeval():
-            working = build_judge(**kwargs).working()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            working = build_judge(**self.kwargs()).working()   # build_judge drops nproc itself
         if not working:
             where = self.base_url or "VLMEvalKit's API"
             raise JudgeError(f"the judge {self.name} at {where} does not answer (VLMEvalKit's working() check "
                              "failed); refusing to fall back to exact matching")
-
-
-def _quiet_vlmeval():
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def block():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    return block()
 
 
 def external(name: str, base_url: str, nproc: int = DEFAULT_NPROC) -> Judge:
