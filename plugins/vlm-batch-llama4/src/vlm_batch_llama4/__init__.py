@@ -45,7 +45,7 @@ def build_tiny(path) -> None:
     import torch
     from tokenizers.processors import TemplateProcessing
     from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessorFast, Llama4Processor
-    from vlm_batch.tiny import train_tokenizer
+    from vlm_batch_testing.tiny import train_tokenizer
 
     tok = train_tokenizer(SPECIAL_TOKENS, bos_token="<|begin_of_text|>", eos_token="<|eot|>",
                           pad_token="<|finetune_right_pad|>")
@@ -87,7 +87,7 @@ def build_tiny(path) -> None:
 
 
 def tiny_checkpoint() -> str:
-    from vlm_batch.tiny import ensure_checkpoint
+    from vlm_batch_testing.tiny import ensure_checkpoint
 
     return ensure_checkpoint("tiny-llama4", build_tiny)
 

@@ -78,7 +78,7 @@ def build_tiny(path) -> None:
     import torch
     from transformers import (MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration, MiniCPMV4_6ImageProcessor,
                               MiniCPMV4_6Processor, MiniCPMV4_6VideoProcessor)
-    from vlm_batch.tiny import train_tokenizer
+    from vlm_batch_testing.tiny import train_tokenizer
 
     tok = train_tokenizer(SPECIAL_TOKENS, chat_template=TINY_CHAT_TEMPLATE, eos_token="<|im_end|>",
                           pad_token="<|endoftext|>", extra_special_tokens=NAMED_TOKENS)
@@ -109,7 +109,7 @@ def build_tiny(path) -> None:
 
 
 def tiny_checkpoint() -> str:
-    from vlm_batch.tiny import ensure_checkpoint
+    from vlm_batch_testing.tiny import ensure_checkpoint
 
     return ensure_checkpoint("tiny-minicpm-v", build_tiny)
 

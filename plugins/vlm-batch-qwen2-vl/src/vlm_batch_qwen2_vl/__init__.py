@@ -43,7 +43,7 @@ def build_tiny(path, init_std: float = 0.02, text: dict | None = None, vision: d
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                               Qwen2VLProcessor)
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    from vlm_batch.tiny import train_tokenizer
+    from vlm_batch_testing.tiny import train_tokenizer
 
     tok = train_tokenizer(SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE,
                           eos_token="<|im_end|>", pad_token="<|endoftext|>")

@@ -14,13 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .sample_data import corpus as default_corpus
-
-
-def cache_dir() -> Path:
-    """Where built checkpoints live; `VLM_BATCH_HOME` moves it (tests point it at a temp dir)."""
-    root = os.environ.get("VLM_BATCH_HOME") or Path.home() / ".cache" / "vlm-batch"
-    return Path(root)
+from vlm_batch.engines.environment import cache_dir
+from vlm_batch.sample_data import corpus as default_corpus
 
 
 def train_tokenizer(special_tokens: list[str], *, chat_template: str | None = None,
