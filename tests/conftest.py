@@ -4,6 +4,7 @@ import os
 import tempfile
 
 import pytest
+from vlm_batch.vlmeval.datasets import load_dataset
 
 _ROOT = tempfile.mkdtemp(prefix="vlm-batch-tests-")
 # Before anything imports VLMEvalKit or transformers: data, caches and the hub all local.
@@ -32,9 +33,8 @@ def vllm_engine(tiny_card):
 
 @pytest.fixture(scope="session")
 def shapes():
-    from vlm_batch import vlmeval_bridge
 
-    return vlmeval_bridge.load_dataset("VLMBatchShapes")
+    return load_dataset("VLMBatchShapes")
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 The oracle runs VLMEvalKit's `infer_data_job` over the family's real VLMEvalKit model object (built by
 its real constructor with only the weight loading stubbed by the test); its `generate` records each
-message. Our side is `vlm_batch.vlmeval_bridge.prompt_builder`, which never runs that constructor.
+message. Our side is `vlm_batch.prompt_builder`, which never runs that constructor.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from click.testing import CliRunner
 from openpyxl.utils.escape import unescape
 
 from helpers import mmbench_rows, write_dataset
-from vlm_batch import runner, vlmeval_bridge
+from vlm_batch import runner
+from vlm_batch.prepare import decode_images, prepare
+from vlm_batch.vlmeval.datasets import load_dataset
+from vlm_batch.vlmeval.prompts import prompt_builder
 
 # An official MMBench-style MCQ name VLMEvalKit loads from $LMUData without an MD5 check.
 MMB = "MMBench_V11_MINI"
@@ -54,13 +57,13 @@ def vlmeval_messages(model, name: str, work_dir, model_name: str) -> list:
     from vlmeval.inference import infer_data_job
 
     infer_data_job(model, work_dir=str(work_dir), model_name=model_name,
-                   dataset=vlmeval_bridge.load_dataset(name))
+                   dataset=load_dataset(name))
     return list(model.recorded)
 
 
 def our_messages(card, name: str) -> list:
-    dataset = vlmeval_bridge.load_dataset(name)
-    build = vlmeval_bridge.prompt_builder(card, dataset)
+    dataset = load_dataset(name)
+    build = prompt_builder(card, dataset)
     return [build(dataset.data.iloc[i]) for i in range(len(dataset.data))]
 
 
@@ -81,11 +84,11 @@ KIND_SETS = {"yorn": ("ParityYesNo", "yn_rows"), "vqa": ("ParityOpen", "vqa_rows
 
 def kind_dataset(lmudata, kind: str, n: int = 8) -> str:
     """A Y/N, open-answer or multi-image dataset of `n` sample rows, registered as its kind's class."""
-    from vlm_batch import sample_data
+    from vlm_batch.demo import sample_data
 
     name, make = KIND_SETS[kind]
     write_dataset(lmudata, name, getattr(sample_data, make)(n, seed=40 + n))
-    vlmeval_bridge.load_dataset(name, kind="mcq" if kind == "multi" else kind)
+    load_dataset(name, kind="mcq" if kind == "multi" else kind)
     return name
 
 
@@ -112,8 +115,8 @@ def assert_multi_image_requests(card, lmudata, limit: int, n: int = 8) -> None:
     from vlm_batch.images import open_rgb
 
     name = kind_dataset(lmudata, "multi", n)
-    dataset = vlmeval_bridge.load_dataset(name)
-    build = vlmeval_bridge.prompt_builder(card, dataset)
+    dataset = load_dataset(name)
+    build = prompt_builder(card, dataset)
     for _, row in dataset.data.iterrows():
         message = build(row)
         request = prepare_request(card, message, name)
@@ -126,9 +129,9 @@ def assert_multi_image_requests(card, lmudata, limit: int, n: int = 8) -> None:
 
 def requests_for(card, name: str, n: int | None = None) -> list:
     """Engine requests for the first `n` rows of dataset `name`, as the runner prepares them."""
-    dataset = vlmeval_bridge.load_dataset(name, n)
-    build = vlmeval_bridge.prompt_builder(card, dataset)
-    return [runner.prepare(card, row["index"], build(row), dataset.dataset_name)
+    dataset = load_dataset(name, n)
+    build = prompt_builder(card, dataset)
+    return [prepare(card, row["index"], build(row), dataset.dataset_name)
             for _, row in dataset.data.iterrows()]
 
 
@@ -171,8 +174,8 @@ def assert_eval_through_engine(card, engine, work_dir, name: str, n: int) -> Non
 def prepare_request(card, message, dataset: str):
     """The plugin's request for one message (images decoded as the runner does), without the memory
     estimate the runner adds: that reads the checkpoint's config, which is not here for hub models."""
-    from vlm_batch.plugins import pm
+    from vlm_batch.plugins import hooks
 
-    request = pm.hook.vlm_batch_prepare(card=card, message=runner.decode_images(message), dataset=dataset)
+    request = hooks(card).prepare(decode_images(message), dataset)
     request.dataset = dataset
     return request

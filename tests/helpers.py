@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm_batch import sample_data
+from vlm_batch.demo import sample_data
 
 
 def mmbench_rows(n: int = 12, seed: int = 1):
@@ -77,6 +77,8 @@ class Trace:
         return engine.generate(traced())
 
 pm.register(Trace(), name="trace")
+from vlm_batch_testing import faults
+faults.install()
 from vlm_batch.cli import cli
 cli(sys.argv[1:])
 '''

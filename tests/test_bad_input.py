@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from helpers import image_b64, shape_rows, write_dataset
-from vlm_batch import runner, sample_data
+from vlm_batch import runner
+from vlm_batch.demo import sample_data
 from vlm_batch.cli import cli
-from vlm_batch.vlmeval_bridge import DatasetError
+from vlm_batch.vlmeval import DatasetError
 
 pytestmark = pytest.mark.engine
 
@@ -131,7 +132,7 @@ def test_tsv_missing_columns_fails_before_any_model(tiny_card, lmudata, monkeypa
 
     rows = [{k: v for k, v in r.items() if k != "question"} for r in shape_rows(3)]
     name = write_dataset(lmudata, "NoQuestion", rows)
-    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: pytest.fail("an engine was loaded"))
+    monkeypatch.setattr(engines, "load", lambda *a, **k: pytest.fail("an engine was loaded"))
     with pytest.raises(DatasetError, match="missing required columns: question$"):
         runner.run_eval(tiny_card, name, work_dir=str(tmp_path), engine="vllm")
     result = CliRunner().invoke(cli, ["eval", "--dataset", name, "--work-dir", str(tmp_path)])

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlm_batch.collector import TIMEOUT, BatchCollector, collect
-from vlm_batch.processor import BatchProcessor, is_oom
+from vlm_batch.engines.collector import TIMEOUT, BatchCollector, collect
+from vlm_batch.engines.processor import BatchProcessor, is_oom
 from vlm_batch.request import Request, Result
 
 

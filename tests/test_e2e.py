@@ -8,7 +8,10 @@ import pandas as pd
 import pytest
 from openpyxl.utils.escape import unescape
 
-from vlm_batch import runner, vlmeval_bridge
+from vlm_batch import runner
+from vlm_batch.prepare import prepare
+from vlm_batch.vlmeval.datasets import load_dataset
+from vlm_batch.vlmeval.prompts import prompt_builder
 
 pytestmark = pytest.mark.engine
 
@@ -31,9 +34,9 @@ def test_demo_eval_writes_vlmevalkit_files_and_scores(tmp_path):
 
 
 def requests_for(card, dataset, n):
-    build = vlmeval_bridge.prompt_builder(card, dataset)
+    build = prompt_builder(card, dataset)
     rows = [dataset.data.iloc[i] for i in range(n)]
-    return [runner.prepare(card, row["index"], build(row), dataset.dataset_name) for row in rows]
+    return [prepare(card, row["index"], build(row), dataset.dataset_name) for row in rows]
 
 
 def test_batched_equals_one_at_a_time(vllm_engine, tiny_card, shapes):
@@ -52,7 +55,7 @@ def test_run_eval_through_shared_engine_matches_direct_generation(vllm_engine, t
     assert summary.generated == 16 and not summary.failed
     data = pd.read_excel(summary.prediction_file)
     direct = {r.index: r.text for r in vllm_engine.generate(
-        requests_for(tiny_card, vlmeval_bridge.load_dataset("VLMBatchShapes", 16), 16))}
+        requests_for(tiny_card, load_dataset("VLMBatchShapes", 16), 16))}
     # xlsx stores control characters as _xHHHH_ escapes; undo them to compare the text itself.
     assert {i: unescape(str(p)) for i, p in zip(data["index"], data["prediction"])} == direct
     assert summary.score is not None and "Overall" in summary.score

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from vlm_batch import ModelCard
 from vlm_batch.cli import cli
-from vlm_batch.engines import NO_VLLM, EngineError, check_choice, choose
+from vlm_batch.engines import NO_VLLM, EngineError
+from vlm_batch.engines.choice import Choice, choose, decide
 
 LIMIT = 24
 # Makes `import vllm` fail in a subprocess, as on a machine without it.
@@ -24,17 +25,17 @@ def card(engines=("vllm", "hf")):
 
 
 def test_choose_names_the_reason(monkeypatch):
-    import vlm_batch.engines as engines
+    import vlm_batch.engines.choice as choice
 
-    monkeypatch.setattr(engines, "vllm_installed", lambda: True)
-    assert choose(card(), "auto") == ("vllm", None)
-    assert choose(card(), "hf") == ("hf", None)
-    assert choose(card(("hf",)), "auto") == ("hf", "m has no vLLM path")
-    monkeypatch.setattr(engines, "vllm_installed", lambda: False)
-    assert choose(card(), "auto") == ("hf", NO_VLLM)
-    check_choice(card(), "auto")
+    monkeypatch.setattr(choice, "vllm_installed", lambda: True)
+    assert choose(card(), "auto") == Choice("vllm", "auto")
+    assert choose(card(), "hf") == Choice("hf", "hf")
+    assert choose(card(("hf",)), "auto") == Choice("hf", "auto", "m has no vLLM path")
+    monkeypatch.setattr(choice, "vllm_installed", lambda: False)
+    assert choose(card(), "auto") == Choice("hf", "auto", NO_VLLM)
+    assert decide(card(), "auto") == Choice("hf", "auto", NO_VLLM)
     with pytest.raises(EngineError, match="vLLM is not installed"):
-        check_choice(card(), "vllm")
+        decide(card(), "vllm")
 
 
 def predictions(work_dir, model="tiny-qwen2-vl", dataset="VLMBatchShapes") -> dict:

@@ -6,9 +6,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from vlm_batch import runner, vlmeval_bridge
 from vlm_batch.cli import cli
 from vlm_batch.engines.hf import HFEngine, length_bucket
+from vlm_batch.prepare import build_requests
 
 pytestmark = pytest.mark.engine
 
@@ -23,7 +23,7 @@ def hf_engine(tiny_card):
 @pytest.fixture(scope="module")
 def requests(tiny_card, shapes):
     failures = []
-    out = list(runner.build_requests(tiny_card, shapes, failures))[:48]
+    out = list(build_requests(tiny_card, shapes, failures))[:48]
     assert not failures
     return out
 
@@ -70,9 +70,9 @@ def test_hf_batches_group_similar_lengths(hf_engine, requests):
 
 def test_hf_memory_budget_splits_batches_before_sending(tiny_card, requests):
     from vlm_batch.memory import batch_bytes
-    from vlm_batch.plugins import pm
+    from vlm_batch.plugins import hooks
 
-    per_request = max(batch_bytes(tiny_card, r, pm.hook.vlm_batch_estimate_memory(card=tiny_card, request=r))
+    per_request = max(batch_bytes(tiny_card, r, hooks(tiny_card).estimate_memory(r))
                       for r in requests)
     engine = HFEngine(tiny_card, batch_size=64, max_batch_memory=per_request * 5)
     try:

@@ -6,6 +6,9 @@ from family_helpers import (MMB, assert_kind_parity, assert_multi_image_requests
                             assert_prompt_parity, cli_eval, requests_for, stub_loader)
 from helpers import mmbench_rows, write_dataset
 from vlm_batch.plugins import get_model
+from vlm_batch.prepare import prepare
+from vlm_batch.vlmeval.datasets import load_dataset
+from vlm_batch.vlmeval.prompts import prompt_builder
 
 NAME = "VLMBatchGemma3"   # a local MMBench-style set (dataset prompt), for the engine runs
 
@@ -47,15 +50,14 @@ def test_request_equals_vlmevalkit_transformers_input(card, vlmeval_gemma3, lmud
     import torch
     from PIL import Image
 
-    from vlm_batch import runner, vlmeval_bridge
 
     write_dataset(lmudata, MMB, mmbench_rows(6))
-    dataset = vlmeval_bridge.load_dataset(MMB)
-    build = vlmeval_bridge.prompt_builder(card, dataset)
+    dataset = load_dataset(MMB)
+    build = prompt_builder(card, dataset)
     processor = vlmeval_gemma3.processor
     for _, row in dataset.data.iterrows():
         message = build(row)
-        request = runner.prepare(card, row["index"], message, MMB)
+        request = prepare(card, row["index"], message, MMB)
         chat = vlmeval_gemma3.message2pipeline(message)
         text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         assert chat[0]["role"] == "system" and text.startswith("<bos><start_of_turn>user\nYou are a helpful")

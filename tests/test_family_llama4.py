@@ -6,6 +6,9 @@ from family_helpers import (MMB, assert_kind_parity, assert_multi_image_requests
                             assert_prompt_parity, cli_eval, recording, requests_for, stub_loader)
 from helpers import mmbench_rows, write_dataset
 from vlm_batch.plugins import get_model
+from vlm_batch.prepare import prepare
+from vlm_batch.vlmeval.datasets import load_dataset
+from vlm_batch.vlmeval.prompts import prompt_builder
 
 NAME = "VLMBatchLlama4"
 
@@ -40,15 +43,14 @@ def test_messages_equal_vlmevalkit_loop(card, vlmeval_llama4, lmudata, tmp_path)
 
 def test_request_equals_vlmevalkit_vllm_input(card, vlmeval_llama4, lmudata):
     """VLMEvalKit's vLLM path: the same chat text (less the BOS the tokenizer adds) and the same images."""
-    from vlm_batch import runner, vlmeval_bridge
 
     write_dataset(lmudata, MMB, mmbench_rows(6))
-    dataset = vlmeval_bridge.load_dataset(MMB)
-    build = vlmeval_bridge.prompt_builder(card, dataset)
+    dataset = load_dataset(MMB)
+    build = prompt_builder(card, dataset)
     tokenizer = vlmeval_llama4.processor.tokenizer
     for _, row in dataset.data.iterrows():
         message = build(row)
-        request = runner.prepare(card, row["index"], message, MMB)
+        request = prepare(card, row["index"], message, MMB)
         content, images = vlmeval_llama4.message_to_promptimg_vllm(message, dataset=MMB)
         text = vlmeval_llama4.processor.apply_chat_template([{"role": "user", "content": content}],
                                                             tokenize=False, add_generation_prompt=True)
@@ -62,12 +64,12 @@ def test_request_equals_vlmevalkit_vllm_input(card, vlmeval_llama4, lmudata):
 def test_images_beyond_vlmevalkit_limit_are_dropped_as_it_does(card):
     from PIL import Image
 
-    from vlm_batch.plugins import pm
+    from vlm_batch.plugins import hooks
 
     real = get_model("Llama-4-Scout-17B-16E-Instruct")
     picture = Image.new("RGB", (32, 32), "red")
     message = [{"type": "image", "image": picture}] * 12 + [{"type": "text", "value": "Which?"}]
-    request = pm.hook.vlm_batch_prepare(card=real, message=message, dataset="X")
+    request = hooks(real).prepare(message, "X")
     assert len(request.images) == request.prompt.count("<|image|>") == 10
 
 

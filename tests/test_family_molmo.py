@@ -9,8 +9,9 @@ import pytest
 
 from family_helpers import MMB, assert_kind_parity, assert_multi_image_requests, assert_prompt_parity, prepare_request, recording, stub_loader
 from helpers import mmbench_rows, write_dataset
-from vlm_batch import vlmeval_bridge
 from vlm_batch.plugins import get_model
+from vlm_batch.vlmeval.datasets import load_dataset
+from vlm_batch.vlmeval.prompts import prompt_builder
 
 NAMES = ("molmoE-1B-0924", "molmo-7B-D-0924", "molmo-7B-O-0924", "molmo-72B-0924")
 
@@ -57,8 +58,8 @@ def test_request_equals_vlmevalkit_input_in_vllm_molmo_format(card, vlmeval_molm
 
     assert MolmoForCausalLM.get_placeholder_str("image", 1) is None
     write_dataset(lmudata, MMB, mmbench_rows(6))
-    dataset = vlmeval_bridge.load_dataset(MMB)
-    build = vlmeval_bridge.prompt_builder(card, dataset)
+    dataset = load_dataset(MMB)
+    build = prompt_builder(card, dataset)
     for _, row in dataset.data.iterrows():
         message = build(row)
         request = prepare_request(card, message, MMB)

@@ -6,8 +6,9 @@ from family_helpers import (MMB, assert_batched_equals_alone, assert_eval_throug
                             assert_multi_image_requests, assert_prompt_parity,
                             cli_eval, our_messages, prepare_request, recording, requests_for)
 from helpers import mmbench_rows, write_dataset
-from vlm_batch import vlmeval_bridge
 from vlm_batch.plugins import get_model
+from vlm_batch.vlmeval.datasets import load_dataset
+from vlm_batch.vlmeval.prompts import prompt_builder
 
 NAME = "VLMBatchMiniCPM"
 
@@ -64,8 +65,8 @@ def test_omnilmm_request_is_vlmevalkit_text_and_first_image(omnilmm, vlmeval_omn
     from PIL import Image
 
     write_dataset(lmudata, MMB, mmbench_rows(4))
-    dataset = vlmeval_bridge.load_dataset(MMB)
-    build = vlmeval_bridge.prompt_builder(omnilmm, dataset)
+    dataset = load_dataset(MMB)
+    build = prompt_builder(omnilmm, dataset)
     for _, row in dataset.data.iterrows():
         message = build(row)
         request = prepare_request(omnilmm, message, MMB)
@@ -77,7 +78,7 @@ def test_omnilmm_request_is_vlmevalkit_text_and_first_image(omnilmm, vlmeval_omn
 def test_minicpm_uses_the_dataset_prompt(lmudata):
     """VLMEvalKit has no MiniCPM-V 4.6 class: the dataset's own prompt, as its loop would build it."""
     write_dataset(lmudata, MMB, mmbench_rows(8))
-    dataset = vlmeval_bridge.load_dataset(MMB)
+    dataset = load_dataset(MMB)
     expected = [dataset.build_prompt(dataset.data.iloc[i]) for i in range(len(dataset.data))]
     assert our_messages(get_model("MiniCPM-V-4_6"), MMB) == expected
 
@@ -92,8 +93,8 @@ def test_minicpm_request_uses_the_checkpoint_chat_template(card, lmudata):
 
     write_dataset(lmudata, MMB, mmbench_rows(4))
     processor = AutoProcessor.from_pretrained(card.path())
-    dataset = vlmeval_bridge.load_dataset(MMB)
-    build = vlmeval_bridge.prompt_builder(card, dataset)
+    dataset = load_dataset(MMB)
+    build = prompt_builder(card, dataset)
     for _, row in dataset.data.iterrows():
         message = build(row)
         request = prepare_request(card, message, MMB)
@@ -163,7 +164,7 @@ def test_minicpm_messages_of_every_kind_are_the_dataset_prompt(lmudata, kind):
     from family_helpers import kind_dataset
 
     name = kind_dataset(lmudata, kind)
-    dataset = vlmeval_bridge.load_dataset(name)
+    dataset = load_dataset(name)
     expected = [dataset.build_prompt(dataset.data.iloc[i]) for i in range(len(dataset.data))]
     assert our_messages(get_model("MiniCPM-V-4_6"), name) == expected
 

@@ -23,6 +23,9 @@ import psutil
 import pytest
 
 from helpers import shape_rows, write_dataset
+from vlm_batch.vlmeval.datasets import load_dataset
+from vlm_batch.vlmeval.files import prediction_file, write_predictions
+from vlm_batch.vlmeval.scoring import evaluate
 
 UNSURE = "I really cannot tell from this picture."   # no option letter, no option's text
 
@@ -40,14 +43,13 @@ def _expected(rows, preds, letter: str) -> tuple[float, float]:
 
 
 def _setup(lmudata, tmp_path, name: str, n: int, model: str = "tiny-qwen2-vl"):
-    from vlm_batch import vlmeval_bridge as bridge
 
     rows = shape_rows(n, seed=11)
     write_dataset(lmudata, name, rows)
-    dataset = bridge.load_dataset(name)
+    dataset = load_dataset(name)
     preds = _predictions(rows)
-    path = bridge.prediction_file(str(tmp_path / "outputs"), model, name)
-    bridge.write_predictions(dataset, preds, path)
+    path = prediction_file(str(tmp_path / "outputs"), model, name)
+    write_predictions(dataset, preds, path)
     return rows, dataset, preds, path
 
 
@@ -79,7 +81,7 @@ def _servers_of(model: str, port: int | None = None) -> list:
 
 @pytest.fixture(scope="module")
 def judge_model():
-    from vlm_batch import tiny_judge
+    from vlm_batch_testing import judge as tiny_judge
 
     return tiny_judge.checkpoint()
 
@@ -87,7 +89,7 @@ def judge_model():
 @pytest.fixture(scope="module")
 def server(judge_model):
     """The module's judge server; a start costs 20-45 s here."""
-    from vlm_batch.judge import JudgeServer
+    from vlm_batch.judge.server import JudgeServer
 
     started = time.time()
     srv = JudgeServer(judge_model, served_name="tiny-judge").start()
@@ -99,9 +101,8 @@ def server(judge_model):
 def test_local_judge_scores_what_its_answers_imply(server, lmudata, tmp_path):
     """The score is the one "B" for every unmapped prediction gives, not exact matching's; the
     server took many of the calls at once, and counted them."""
-    from vlm_batch import tiny_judge
-    from vlm_batch import vlmeval_bridge as bridge
-    from vlm_batch.judge import Judge, score_with
+    from vlm_batch_testing import judge as tiny_judge
+    from vlm_batch.judge.service import Judge, score_with
 
     rows, dataset, preds, path = _setup(lmudata, tmp_path, "JudgeShapesA", 48)
     exact, judged = _expected(rows, preds, tiny_judge.LETTER)
@@ -110,8 +111,8 @@ def test_local_judge_scores_what_its_answers_imply(server, lmudata, tmp_path):
     other = tmp_path / "exact" / "tiny-qwen2-vl"
     other.mkdir(parents=True)
     exact_path = str(other / Path(path).name)
-    bridge.write_predictions(dataset, preds, exact_path)
-    assert _overall(bridge.evaluate(dataset, exact_path)) == pytest.approx(exact)
+    write_predictions(dataset, preds, exact_path)
+    assert _overall(evaluate(dataset, exact_path)) == pytest.approx(exact)
 
     judge = Judge(name="tiny-judge", base_url=server.base_url, nproc=64, model="tiny-judge", server=server)
     score, stats = score_with(dataset, path, judge)
@@ -130,7 +131,7 @@ def test_server_answers_concurrent_requests_in_one_batch(server):
     (more generated tokens than engine steps; one at a time, each step would make one token)."""
     import urllib.request
 
-    from vlm_batch.judge import Watch, metrics
+    from vlm_batch.judge.metrics import Watch, metrics
 
     barrier = threading.Barrier(16)
     answers = []
@@ -163,7 +164,8 @@ def test_server_answers_concurrent_requests_in_one_batch(server):
 
 
 def test_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path):
-    from vlm_batch.judge import JudgeError, JudgeServer
+    from vlm_batch.judge import JudgeError
+    from vlm_batch.judge.server import JudgeServer
 
     missing = str(tmp_path / "no-such-model")
     os.makedirs(missing)
@@ -179,7 +181,7 @@ def test_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path):
 
 def test_cli_judge_base_url_uses_a_running_server(server, lmudata, tmp_path):
     """`--judge-base-url` (VLMEvalKit's flag): the judge a user already runs, its model found by asking it."""
-    from vlm_batch import tiny_judge
+    from vlm_batch_testing import judge as tiny_judge
 
     rows, _dataset, preds, path = _setup(lmudata, tmp_path, "JudgeShapesB", 24)
     _exact, judged = _expected(rows, preds, tiny_judge.LETTER)
@@ -197,8 +199,10 @@ def test_cli_judge_base_url_uses_a_running_server(server, lmudata, tmp_path):
 def test_judge_killed_mid_scoring_then_rerun_finishes(judge_model, lmudata, tmp_path):
     """A killed server: a clear error, predictions intact, failed calls not cached; then
     `vlm-batch eval --mode eval --judge PATH` starts its own server, judges only the rest, and stops it."""
-    from vlm_batch import tiny_judge
-    from vlm_batch.judge import Judge, JudgeError, JudgeServer, score_with
+    from vlm_batch_testing import judge as tiny_judge
+    from vlm_batch.judge import JudgeError
+    from vlm_batch.judge.server import JudgeServer
+    from vlm_batch.judge.service import Judge, score_with
 
     rows, dataset, preds, path = _setup(lmudata, tmp_path, "JudgeShapesC", 90)
     _exact, judged = _expected(rows, preds, tiny_judge.LETTER)
@@ -266,7 +270,7 @@ def test_judge_killed_mid_scoring_then_rerun_finishes(judge_model, lmudata, tmp_
 
 GUARDED_PARENT = r'''
 import subprocess, sys, time
-guard = subprocess.Popen([sys.executable, "-m", "vlm_batch.judge", "--guard", str(__import__("os").getpid()),
+guard = subprocess.Popen([sys.executable, "-m", "vlm_batch.engines.guard", str(__import__("os").getpid()),
                           sys.argv[1], "--", sys.executable, "-c", "import time; time.sleep(600)"],
                          start_new_session=True)
 print(guard.pid, flush=True)
@@ -296,7 +300,8 @@ def test_guard_stops_the_server_when_its_parent_is_killed(tmp_path):
 def test_on_one_gpu_the_judge_waits_for_the_engine(monkeypatch):
     """Pure ordering logic, with a stand-in server: on a GPU, the judge's server starts only once the
     evaluated model's engine is released, and is stopped before the next model's engine starts."""
-    from vlm_batch import engines, judge
+    from vlm_batch import engines
+    from vlm_batch.judge import service as judge
 
     events = []
 
@@ -347,7 +352,7 @@ def test_cli_stopped_while_judging_leaves_no_server(sig, judge_model, lmudata, t
     """`vlm-batch eval --judge PATH` interrupted (Ctrl-C) or killed (a crash) while its judge works:
     the real server and its guard are gone soon after, the port is free, the predictions intact;
     Ctrl-C stops the judging rather than waiting for it, and keeps what was judged."""
-    from vlm_batch.judge import metrics
+    from vlm_batch.judge.metrics import metrics
 
     name = f"JudgeShapesStop{int(sig)}"
     rows, _dataset, preds, path = _setup(lmudata, tmp_path, name, 600)
@@ -395,7 +400,9 @@ def test_judged_scoring_waits_for_the_engine_without_holding_up_the_rest(monkeyp
     is scored at once; the first is scored once the engine is released, in `wait`."""
     from types import SimpleNamespace
 
-    from vlm_batch import engines, executor, judge, report
+    from vlm_batch import engines, finisher as finishing, report
+    from vlm_batch.judge import service as judge
+    from vlm_batch.settings import Settings
     from vlm_batch.timeline import Timeline
 
     class ImageMCQDataset:
@@ -407,16 +414,15 @@ def test_judged_scoring_waits_for_the_engine_without_holding_up_the_rest(monkeyp
     scored = []
     monkeypatch.setattr(engines, "on_gpu", lambda: True)
     monkeypatch.setattr(judge, "is_local", lambda name: True)
-    monkeypatch.setattr(executor, "score", lambda dataset, summary, *a: scored.append(dataset.dataset_name))
+    monkeypatch.setattr(finishing, "score", lambda dataset, summary, *a: scored.append(dataset.dataset_name))
     monkeypatch.setattr(report, "write_run_report", lambda summary, card: None)
     service = judge.JudgeService("some/judge")
-    owner = SimpleNamespace(settings=executor.Settings(work_dir=str(tmp_path)), placement=None, judges=service)
-    finisher = executor.Finisher(owner, SimpleNamespace(name="m"), None)
+    finisher = finishing.Finisher(Settings(work_dir=str(tmp_path)), None, service, SimpleNamespace(name="m"), None)
 
     def run(dataset):
         summary = report.RunSummary(model="m", dataset=dataset.dataset_name,
                                     prediction_file=str(tmp_path / f"{dataset.dataset_name}.xlsx"))
-        return executor.DatasetRun(dataset=dataset, summary=summary, journal_file="", positions=[])
+        return finishing.DatasetRun(dataset=dataset, summary=summary, journal_file="", positions=[])
 
     service.engine_started()
     judged, by_rule = run(ImageMCQDataset()), run(ImageVQADataset())
@@ -435,8 +441,8 @@ def test_api_judge_goes_to_vlmevalkit_as_it_names_it(monkeypatch, lmudata, tmp_p
     falls back to exact matching, as it does on its own, and we say so instead of keeping quiet."""
     import logging
 
-    from vlm_batch import judge
-    from vlm_batch.executor import score
+    from vlm_batch.finisher import score
+    from vlm_batch.judge import service as judge
     from vlm_batch.report import RunSummary
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

@@ -4,13 +4,14 @@ and users' own TSVs of each kind, loaded, prompted and scored by VLMEvalKit's cl
 import json
 import shutil
 
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 
 from helpers import write_dataset
-from vlm_batch import sample_data, vlmeval_bridge
+from vlm_batch.demo import sample_data
 from vlm_batch.cli import cli
+from vlm_batch.vlmeval.datasets import KINDS, load_dataset
+from vlm_batch.vlmeval.prompts import prompt_builder
 
 SETS = {sample_data.YN: "ImageYORNDataset", sample_data.VQA: "ImageVQADataset",
         sample_data.MULTI: "ImageMCQDataset"}
@@ -30,7 +31,7 @@ def rescored(work_dir, name: str) -> float:
     copy = work_dir / "rescore" / f"{MODEL}_{name}.xlsx"
     copy.parent.mkdir(exist_ok=True)
     shutil.copy(work_dir / MODEL / f"{MODEL}_{name}.xlsx", copy)
-    dataset = vlmeval_bridge.load_dataset(name)
+    dataset = load_dataset(name)
     return main_score(dataset.evaluate(str(copy), model="exact_matching", nproc=1))[1]
 
 
@@ -42,7 +43,7 @@ def test_sample_sets_of_every_kind_score_as_vlmevalkit_scores_them(tmp_path, eng
     assert result.exit_code == 0, result.output
     rows = summary(tmp_path)
     for name, cls in SETS.items():
-        assert type(vlmeval_bridge.load_dataset(name, 2)).__name__ == cls
+        assert type(load_dataset(name, 2)).__name__ == cls
         row = rows[name]
         assert row["failed"] == 0 and row["items"] == 160, row
         print(f"{engine} {name}: {row['metric']} {row['score']}")
@@ -58,11 +59,11 @@ def test_multi_image_rows_reach_the_engine_with_every_image_in_order(lmudata):
     from vlm_batch.prepare import build_requests
 
     card = get_model(MODEL)
-    dataset = vlmeval_bridge.load_dataset(sample_data.MULTI, 8)
+    dataset = load_dataset(sample_data.MULTI, 8)
     failures = []
     requests = list(build_requests(card, dataset, failures))
     assert not failures and len(requests) == 8
-    build = vlmeval_bridge.prompt_builder(card, dataset)
+    build = prompt_builder(card, dataset)
     for request, (_, line) in zip(requests, dataset.data.iterrows()):
         paths = [p["value"] for p in build(line) if p["type"] == "image"]
         assert len(paths) == len(line["image"]) in (2, 3)
@@ -89,13 +90,13 @@ def test_users_tsvs_of_each_kind_by_kind_and_by_config_class(tmp_path, lmudata):
     # VLMEvalKit's config `class`, one class per dataset, in one suite
     config = tmp_path / "suite.json"
     config.write_text(json.dumps({"model": {MODEL: {}}, "data": {
-        name: {"class": vlmeval_bridge.KINDS[kind], "dataset": name} for name, kind in kinds.items()}}))
+        name: {"class": KINDS[kind], "dataset": name} for name, kind in kinds.items()}}))
     by_config = CliRunner().invoke(cli, ["eval", "--config", str(config), "--engine", "hf",
                                          "--work-dir", str(tmp_path / "config")])
     assert by_config.exit_code == 0, by_config.output
     rows = summary(tmp_path / "config")
     for name, kind in kinds.items():
-        assert type(vlmeval_bridge.load_dataset(name, 2, kind)).__name__ == vlmeval_bridge.KINDS[kind]
+        assert type(load_dataset(name, 2, kind)).__name__ == KINDS[kind]
         assert rows[name]["score"] is not None and rows[name]["failed"] == 0, rows[name]
         assert rows[name]["score"] == pytest.approx(rescored(tmp_path / "config", name), abs=1e-4)
     assert rows["MyYesNo"]["score"] == summary(tmp_path / "flag")["MyYesNo"]["score"]

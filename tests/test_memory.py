@@ -23,7 +23,7 @@ from PIL import Image
 
 from family_helpers import prepare_request
 from vlm_batch import defaults, memory
-from vlm_batch.plugins import get_model, pm
+from vlm_batch.plugins import get_model, hooks
 from vlm_batch.request import Request
 
 TOLERANCE = 0.15
@@ -131,7 +131,7 @@ def check(name, case, family, request, estimate, monkeypatch, within=True):
 
 
 def family_estimate(card, request):
-    return pm.hook.vlm_batch_estimate_memory(card=card, request=request)
+    return hooks(card).estimate_memory(request)
 
 
 @pytest.mark.parametrize("case, words, sizes", CASES, ids=[c[0] for c in CASES])
@@ -198,7 +198,7 @@ def test_molmo_text_layers_on_a_stand_in(tmp_path, monkeypatch):
         with torch.inference_mode():
             real = cache_bytes(model(input_ids=torch.randint(0, 100, (1, n)), use_cache=True).past_key_values)
         request = Request(prompt=" ".join(["word"] * n), max_new_tokens=0)
-        est = pm.hook.vlm_batch_estimate_memory(card=card, request=request)
+        est = hooks(card).estimate_memory(request)
         TABLE.append(("molmo (stand-in)", f"{n} text tokens", n, real, est, est / real, est / real))
         assert abs(est / real - 1) <= TOLERANCE, f"molmo stand-in, {n} tokens: real {real:,} B, estimate {est:,} B"
 

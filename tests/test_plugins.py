@@ -69,8 +69,9 @@ def test_in_process_plugin_serves_an_eval(echo, vllm_engine, tmp_path):
 
 
 def test_hf_only_model_refuses_vllm_before_loading(echo):
-    from vlm_batch.engines import EngineError, check_choice
+    from vlm_batch.engines import EngineError
+    from vlm_batch.engines.choice import decide
 
     card = get_model("my-echo-model")
     with pytest.raises(EngineError, match="has no hf engine; it runs on: vllm"):
-        check_choice(card, "hf")
+        decide(card, "hf")

@@ -1,15 +1,16 @@
 """Preparing requests in a forked pool gives exactly what in-process preparation gives, in order."""
 
 from helpers import write_dataset
-from vlm_batch import sample_data, vlmeval_bridge
+from vlm_batch.demo import sample_data
 from vlm_batch.prepare import Preparer, rows_of
+from vlm_batch.vlmeval.datasets import load_dataset
 
 
 def test_pool_prepares_the_same_requests_in_order(tiny_card, lmudata):
     rows = sample_data.rows(30, seed=5)
     rows[7]["image"] = "bm90IGFuIGltYWdl" * 8   # base64 of text: that row must fail, alone
     write_dataset(lmudata, "PrefetchSet", rows)
-    dataset = vlmeval_bridge.load_dataset("PrefetchSet")
+    dataset = load_dataset("PrefetchSet")
     serial_failures, pooled_failures = [], []
     with Preparer(tiny_card, {dataset.dataset_name: dataset}, workers=0) as serial:
         expected = list(serial.requests(serial_failures, rows_of(dataset)))

@@ -8,8 +8,10 @@ replaced by a stand-in, since only prompts are compared) whose `generate` record
 import pytest
 
 from helpers import mmbench_rows, write_dataset
-from vlm_batch import runner, vlmeval_bridge
 from vlm_batch.plugins import get_model
+from vlm_batch.prepare import prepare
+from vlm_batch.vlmeval.datasets import load_dataset
+from vlm_batch.vlmeval.prompts import prompt_builder
 
 # An official MMBench-style MCQ name VLMEvalKit loads from $LMUData without an MD5 check.
 MMB = "MMBench_V11_MINI"
@@ -25,9 +27,9 @@ def vlmeval_messages(model, dataset, work_dir):
 @pytest.mark.parametrize("name", [MMB, "VLMBatchShapesParity"])
 def test_messages_equal_vlmevalkit_loop(lmudata, tmp_path, vlmeval_qwen, tiny_card, name):
     write_dataset(lmudata, name, mmbench_rows(12))
-    expected = vlmeval_messages(vlmeval_qwen, vlmeval_bridge.load_dataset(name), tmp_path)
-    dataset = vlmeval_bridge.load_dataset(name)  # VLMEvalKit's job drops the image column in place
-    build = vlmeval_bridge.prompt_builder(tiny_card, dataset)
+    expected = vlmeval_messages(vlmeval_qwen, load_dataset(name), tmp_path)
+    dataset = load_dataset(name)  # VLMEvalKit's job drops the image column in place
+    build = prompt_builder(tiny_card, dataset)
     ours = [build(dataset.data.iloc[i]) for i in range(len(dataset.data))]
     assert len(expected) == len(ours) == 12
     assert ours == expected
@@ -41,11 +43,11 @@ def test_engine_request_equals_vlmevalkit_vllm_input(lmudata, vlmeval_qwen, tiny
     from qwen_vl_utils import process_vision_info
 
     write_dataset(lmudata, MMB, mmbench_rows(6))
-    dataset = vlmeval_bridge.load_dataset(MMB)
-    build = vlmeval_bridge.prompt_builder(tiny_card, dataset)
+    dataset = load_dataset(MMB)
+    build = prompt_builder(tiny_card, dataset)
     for i in range(len(dataset.data)):
         message = build(dataset.data.iloc[i])
-        request = runner.prepare(tiny_card, dataset.data.iloc[i]["index"], message, MMB)
+        request = prepare(tiny_card, dataset.data.iloc[i]["index"], message, MMB)
         messages = [{"role": "user", "content": vlmeval_qwen._prepare_content_vllm(message, dataset=MMB)}]
         text = vlmeval_qwen.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         images, _ = process_vision_info(messages)
@@ -68,8 +70,8 @@ def test_messages_of_every_kind_equal_vlmevalkit_loop(lmudata, tmp_path, vlmeval
     from family_helpers import kind_dataset
 
     name = kind_dataset(lmudata, kind)
-    expected = vlmeval_messages(vlmeval_qwen, vlmeval_bridge.load_dataset(name), tmp_path)
-    dataset = vlmeval_bridge.load_dataset(name)
-    build = vlmeval_bridge.prompt_builder(tiny_card, dataset)
+    expected = vlmeval_messages(vlmeval_qwen, load_dataset(name), tmp_path)
+    dataset = load_dataset(name)
+    build = prompt_builder(tiny_card, dataset)
     ours = [build(dataset.data.iloc[i]) for i in range(len(dataset.data))]
     assert len(ours) == 8 and ours == expected

@@ -12,8 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from vlm_batch import runner, vlmeval_bridge
-from vlm_batch.ranks import Group, RankError, Ranks, assign_devices, device_list
+from vlm_batch import runner
+from vlm_batch.placement.ranks import Group, RankError, Ranks, assign_devices, device_list
+from vlm_batch.state import journal_path, load_progress
+from vlm_batch.vlmeval import DatasetError
+from vlm_batch.vlmeval.files import merge_rank_files, rank_file, write_rank_file
 
 
 # -- who am I ----------------------------------------------------------------------------------------
@@ -118,15 +121,15 @@ def test_rank_files_are_what_vlmevalkits_infer_data_leaves(tmp_path, shapes):
     for rank in range(world):
         rows = Ranks(rank, world, rank).positions(len(shapes.data))
         predictions = {i: f"answer {i}" for i in shapes.data["index"].iloc[list(rows)]}
-        path = vlmeval_bridge.rank_file(str(tmp_path), "m", shapes.dataset_name, rank, world)
+        path = rank_file(str(tmp_path), "m", shapes.dataset_name, rank, world)
         assert Path(path).name == f"{rank}{world}_{shapes.dataset_name}.pkl"
-        vlmeval_bridge.write_rank_file(shapes, rows, predictions, path)
+        write_rank_file(shapes, rows, predictions, path)
         assert load(path) == predictions   # VLMEvalKit's own loader reads it back unchanged
         answers.update(predictions)
-    assert vlmeval_bridge.merge_rank_files(shapes, str(tmp_path), "m", world) == answers
-    os.remove(vlmeval_bridge.rank_file(str(tmp_path), "m", shapes.dataset_name, 1, world))
-    with pytest.raises(vlmeval_bridge.DatasetError, match=r"rank 1 of 2 left no predictions \(.*12_VLMBatch"):
-        vlmeval_bridge.merge_rank_files(shapes, str(tmp_path), "m", world)
+    assert merge_rank_files(shapes, str(tmp_path), "m", world) == answers
+    os.remove(rank_file(str(tmp_path), "m", shapes.dataset_name, 1, world))
+    with pytest.raises(DatasetError, match=r"rank 1 of 2 left no predictions \(.*12_VLMBatch"):
+        merge_rank_files(shapes, str(tmp_path), "m", world)
 
 
 def test_merging_names_the_rows_a_rank_did_not_answer(tmp_path, shapes):
@@ -135,11 +138,11 @@ def test_merging_names_the_rows_a_rank_did_not_answer(tmp_path, shapes):
         if rank == 1:
             rows = rows[1:]   # the first row of rank 1 (position 1) is missing
         predictions = {i: "A" for i in shapes.data["index"].iloc[rows]}
-        vlmeval_bridge.write_rank_file(shapes, rows, predictions,
-                                       vlmeval_bridge.rank_file(str(tmp_path), "m", shapes.dataset_name, rank, 2))
+        write_rank_file(shapes, rows, predictions,
+                                       rank_file(str(tmp_path), "m", shapes.dataset_name, rank, 2))
     missing = shapes.data["index"].iloc[1]
-    with pytest.raises(vlmeval_bridge.DatasetError, match=rf"no prediction for items \[{missing}\] \(ranks \[1\] of 2"):
-        vlmeval_bridge.merge_rank_files(shapes, str(tmp_path), "m", 2)
+    with pytest.raises(DatasetError, match=rf"no prediction for items \[{missing}\] \(ranks \[1\] of 2"):
+        merge_rank_files(shapes, str(tmp_path), "m", 2)
 
 
 def test_journals_of_every_rank_count_when_resuming(tmp_path, tiny_card):
@@ -147,12 +150,12 @@ def test_journals_of_every_rank_count_when_resuming(tmp_path, tiny_card):
     from vlm_batch.request import Result
 
     for rank, index in ((0, 10), (1, 11)):
-        path = runner.journal_path(str(tmp_path), tiny_card.name, "Set", Ranks(rank, 2, rank))
+        path = journal_path(str(tmp_path), tiny_card.name, "Set", Ranks(rank, 2, rank))
         assert path.endswith(f"tiny-qwen2-vl_Set.rank{rank}of2.journal")
         j = Journal(path, {"model": tiny_card.name, "dataset": "Set"})
         j.append(Result(index=index, text=f"from rank {rank}"))
         j.close()
-    answers, _ = runner.load_progress(str(tmp_path), tiny_card.name, "Set")   # a single process resumes both
+    answers, _ = load_progress(str(tmp_path), tiny_card.name, "Set")   # a single process resumes both
     assert answers == {10: "from rank 0", 11: "from rank 1"}
 
 

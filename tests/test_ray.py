@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from vlm_batch import journal, runner
-from vlm_batch.ray_runner import RayOptions, RayRunError, plan_cpus
+from vlm_batch.placement.ray import RayOptions, RayRunError, plan_cpus
+from vlm_batch.state import journal_path
 
 N = 40
 BATCH = 4   # rows a replica takes at a time: small, so both replicas get work and a kill lands mid-run
@@ -43,7 +44,7 @@ def single(tiny_card, tmp_path_factory):
 
 
 def test_a_remote_failure_is_reported_by_the_error_the_remote_code_raised(ray_cluster):
-    from vlm_batch.ray_runner import root_cause
+    from vlm_batch.placement.ray import root_cause
 
     @ray_cluster.remote
     def load():
@@ -85,7 +86,7 @@ def test_replicas_give_the_single_process_predictions_and_summary(ray_cluster, t
 def test_replicas_take_every_dataset_of_a_suite(ray_cluster, tiny_card, single, tmp_path, lmudata):
     """Two datasets through one pipeline of replicas: each equals its own single-process run."""
     from helpers import shape_rows, write_dataset
-    from vlm_batch.executor import Settings
+    from vlm_batch.settings import Settings
     from vlm_batch.plan import DatasetSpec, ModelSpec, Plan
     from vlm_batch.suite import run_suite
 
@@ -103,7 +104,7 @@ def test_replicas_take_every_dataset_of_a_suite(ray_cluster, tiny_card, single, 
 
 @pytest.mark.engine
 def test_a_killed_replica_still_ends_with_every_item_answered_once(ray_cluster, tiny_card, single, tmp_path):
-    jpath = runner.journal_path(str(tmp_path), tiny_card.name, "VLMBatchShapes")
+    jpath = journal_path(str(tmp_path), tiny_card.name, "VLMBatchShapes")
     killed = []
 
     def kill_one_replica_mid_run():

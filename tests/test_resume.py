@@ -1,6 +1,5 @@
 """Nothing lost: the journal survives kills at any byte, reruns resume, VLMEvalKit's state is honoured."""
 
-import os
 import pickle
 import signal
 import subprocess
@@ -11,9 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from vlm_batch_testing import faults
 from helpers import Run, read_trace, shape_rows, wait_for as _wait_for, write_dataset
-from vlm_batch import journal, runner, vlmeval_bridge
+from vlm_batch import journal, runner
 from vlm_batch.request import Result
+from vlm_batch.state import journal_path, load_progress
+from vlm_batch.vlmeval.datasets import load_dataset
 
 
 # -- the journal itself -------------------------------------------------------------------------
@@ -48,12 +50,12 @@ def test_corrupt_record_in_the_middle_is_dropped(tmp_path):
 
 
 def test_failed_items_are_journaled_but_retried(tmp_path, tiny_card):
-    path = runner.journal_path(str(tmp_path), tiny_card.name, "Set")
+    path = journal_path(str(tmp_path), tiny_card.name, "Set")
     j = journal.Journal(path, {"model": tiny_card.name, "dataset": "Set"})
     j.append(Result(index=1, text="B"))
     j.append(Result.failed(2, "out of memory"))
     j.close()
-    answers, records = runner.load_progress(str(tmp_path), tiny_card.name, "Set")
+    answers, records = load_progress(str(tmp_path), tiny_card.name, "Set")
     assert answers == {1: "B"} and set(records) == {1, 2}
 
 
@@ -90,7 +92,7 @@ def test_resume_a_run_vlmevalkit_started(tmp_path, tiny_card, vllm_engine, lmuda
     data = pd.read_excel(summary.prediction_file).set_index("index")["prediction"]
     assert [data[i] for i in range(6)] == [f"vlmeval says {i}" for i in range(5)] + ["prev says 5"]
     assert not list(root.glob("*.pkl"))   # consumed, as VLMEvalKit removes them after merging
-    assert not Path(runner.journal_path(str(tmp_path), tiny_card.name, name)).exists()
+    assert not Path(journal_path(str(tmp_path), tiny_card.name, name)).exists()
     again = Counting(vllm_engine)   # a finished run reruns from its prediction file alone
     assert runner.run_eval(tiny_card, name, work_dir=str(tmp_path), engine=again, mode="infer").resumed == 12
     assert again.asked == []
@@ -101,12 +103,12 @@ def test_vlm_batch_state_does_not_confuse_vlmevalkit(tmp_path, tiny_card, vlmeva
 
     name = write_dataset(lmudata, "SharedWorkDir", shape_rows(6, seed=22))
     model_dir = tmp_path / "Qwen2-VL-2B-Instruct"
-    jpath = runner.journal_path(str(tmp_path), "Qwen2-VL-2B-Instruct", name)
+    jpath = journal_path(str(tmp_path), "Qwen2-VL-2B-Instruct", name)
     j = journal.Journal(jpath, {"model": "Qwen2-VL-2B-Instruct", "dataset": name})
     j.append(Result(index=0, text="from vlm-batch"))
     j.close()
     infer_data_job(vlmeval_qwen, work_dir=str(model_dir), model_name="Qwen2-VL-2B-Instruct",
-                   dataset=vlmeval_bridge.load_dataset(name))
+                   dataset=load_dataset(name))
     out = pd.read_excel(model_dir / f"Qwen2-VL-2B-Instruct_{name}.xlsx")
     assert list(out["prediction"]) == ["A"] * 6 and len(vlmeval_qwen.recorded) == 6
     assert Path(jpath).exists()   # left alone, in a folder VLMEvalKit does not read
@@ -123,7 +125,7 @@ def test_sigkill_at_several_moments_then_resume(tmp_path, tiny_card, lmudata):
     name = write_dataset(lmudata, "KillMe", shape_rows(300, seed=23))
     args = ["--dataset", name, "--engine", "hf", "--batch-size", "4", "--mode", "infer"]
     work = tmp_path / "killed"
-    jpath = runner.journal_path(str(work), tiny_card.name, name)
+    jpath = journal_path(str(work), tiny_card.name, name)
     finished_before, traces = [], []
 
     def run_and_kill(k, when, env_extra=None):
@@ -138,7 +140,7 @@ def test_sigkill_at_several_moments_then_resume(tmp_path, tiny_card, lmudata):
     run_and_kill(0, lambda: time.time() - start > 3)                               # still starting up
     run_and_kill(1, lambda: len(_finished(jpath)) >= 40)                          # mid-generation
     stall = Path(str(jpath) + ".stalled")
-    run_and_kill(2, stall.exists, {journal.STALL_ENV: "20"})                      # inside a journal write
+    run_and_kill(2, stall.exists, {faults.STALL_JOURNAL: "20"})                      # inside a journal write
     assert Path(jpath).read_bytes()[-1:] != b"\n"                                 # a record really is torn
     run_and_kill(3, lambda: len(_finished(jpath)) >= len(finished_before[-1]) + 30)
 
@@ -165,7 +167,7 @@ def test_sigkill_at_several_moments_then_resume(tmp_path, tiny_card, lmudata):
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_card, lmudata):
     name = write_dataset(lmudata, "Interrupt", shape_rows(200, seed=24))
     args = ["--dataset", name, "--engine", "hf", "--batch-size", "4", "--mode", "infer", "--work-dir", str(tmp_path)]
-    jpath = runner.journal_path(str(tmp_path), tiny_card.name, name)
+    jpath = journal_path(str(tmp_path), tiny_card.name, name)
     proc = Run(args, tmp_path / "trace0")
     _wait_for(lambda: len(_finished(jpath)) >= 20, proc)
     proc.send_signal(signal.SIGINT)
@@ -186,7 +188,7 @@ def test_vllm_engine_killed_mid_run_is_restarted(tmp_path, tiny_card, lmudata):
 
     name = write_dataset(lmudata, "KillEngine", shape_rows(160, seed=25))
     args = ["--dataset", name, "--batch-size", "1", "--mode", "infer", "--work-dir", str(tmp_path)]
-    jpath = runner.journal_path(str(tmp_path), tiny_card.name, name)
+    jpath = journal_path(str(tmp_path), tiny_card.name, name)
     proc = Run(args, tmp_path / "trace")
     _wait_for(lambda: len(_finished(jpath)) >= 10, proc, timeout=400)
     cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in " ".join(

@@ -11,18 +11,18 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 
 from helpers import Run, read_trace, shape_rows, wait_for, write_dataset
 from vlm_batch import hookimpl, runner, state
-from vlm_batch import vlmeval_bridge as bridge
 from vlm_batch.cli import cli
-from vlm_batch.executor import Settings
+from vlm_batch.settings import Settings
 from vlm_batch.plan import DatasetSpec, ModelSpec, Plan, PlanError, from_config
 from vlm_batch.plugins import pm
 from vlm_batch.suite import run_suite
+from vlm_batch.state import journal_path
+from vlm_batch.vlmeval.files import prediction_file
 
 
 class Slow:
@@ -115,7 +115,7 @@ def test_an_evaluator_that_fails_for_one_dataset_does_not_stop_the_others(tiny_c
 def test_bad_names_fail_in_one_line_before_any_engine(tmp_path, monkeypatch, three):
     import vlm_batch.engines as engines
 
-    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: pytest.fail("an engine was loaded"))
+    monkeypatch.setattr(engines, "load", lambda *a, **k: pytest.fail("an engine was loaded"))
     result = CliRunner().invoke(cli, ["eval", "--model", "tiny-qwen2-vl", "no-such-model", "--data", three[0],
                                       "NoSuchSet", "AlsoMissing", "--work-dir", str(tmp_path)])
     assert result.exit_code == 2
@@ -179,7 +179,7 @@ def test_a_model_whose_engine_cannot_start_is_reported_and_the_next_runs(tiny_ca
 @pytest.mark.engine
 def test_second_run_refuses_a_killed_suite_resumes_without_regenerating(tiny_card, three, tmp_path):
     args = ["--dataset", *three, "--engine", "hf", "--batch-size", "4", "--work-dir", str(tmp_path / "w")]
-    jb = runner.journal_path(str(tmp_path / "w"), tiny_card.name, three[1])
+    jb = journal_path(str(tmp_path / "w"), tiny_card.name, three[1])
     first = Run(args, tmp_path / "trace0")
     lock = Path(state.RunLock(str(tmp_path / "w"), tiny_card.name, three[2]).path)
     wait_for(lock.exists, first)
@@ -190,14 +190,14 @@ def test_second_run_refuses_a_killed_suite_resumes_without_regenerating(tiny_car
     assert err.strip().splitlines()[-1].startswith("Error: ") and f"PID {first.pid}" in err
     assert read_trace(tmp_path / "trace1") == []
 
-    a_report = Path(str(bridge.prediction_file(str(tmp_path / "w"), tiny_card.name, three[0]))[:-5] + "_run.json")
+    a_report = Path(str(prediction_file(str(tmp_path / "w"), tiny_card.name, three[0]))[:-5] + "_run.json")
     # kill -9 in the middle of the second dataset, the first one written and scored
     wait_for(lambda: len(_journaled(jb)) >= 8 and a_report.exists(), first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = _journaled(jb)
     assert 8 <= len(before) < 40 and lock.exists()       # the killed run's lock is left behind
-    a_file = Path(bridge.prediction_file(str(tmp_path / "w"), tiny_card.name, three[0]))
+    a_file = Path(prediction_file(str(tmp_path / "w"), tiny_card.name, three[0]))
     a_mtime = a_file.stat().st_mtime
 
     again = Run(args, tmp_path / "trace2")
@@ -274,5 +274,5 @@ def test_prediction_file_is_vlmevalkits_name(tmp_path, monkeypatch):
     for fmt in (None, "tsv", "json"):
         if fmt:
             monkeypatch.setenv("PRED_FORMAT", fmt)
-        assert bridge.prediction_file(str(tmp_path), "M", "VLMBatchShapes") == get_pred_file_path(
+        assert prediction_file(str(tmp_path), "M", "VLMBatchShapes") == get_pred_file_path(
             str(tmp_path / "M"), "M", "VLMBatchShapes", use_env_format=True)

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from importlib.metadata import entry_points
 
 import pytest
 from click.testing import CliRunner
@@ -65,13 +66,15 @@ def test_our_warnings_and_library_errors_show_library_notices_only_with_verbose(
     assert ("a library notice" in err) == (flag == "-v"), err
 
 
-def test_models_lists_test_models_only_with_all():
+def test_tiny_test_models_come_from_the_test_support_only():
+    """The tests' tiny models are the test-support distribution's cards (users never install it); each
+    is served by its family's plugin, and without the test support only the embedded demo is tiny."""
     tiny = ("tiny-gemma3", "tiny-llama4", "tiny-minicpm-v")
-    plain, every = (CliRunner().invoke(cli, args) for args in (["models"], ["models", "--all"]))
-    assert plain.exit_code == 0 and every.exit_code == 0, plain.output + every.output
-    lines = {line.split()[0]: line for line in plain.output.splitlines()}
-    assert not set(tiny) & set(lines) and "(demo)" in lines["tiny-qwen2-vl"], plain.output
-    assert "--all" in plain.output.splitlines()[-1]
-    lines = {line.split()[0]: line for line in every.output.splitlines()}
-    assert all(lines[name].endswith("(test model)") for name in tiny), every.output
-    assert lines["tiny-qwen2-vl"].endswith("(demo)") and "Gemma3-4B" in lines and "(" not in lines["Gemma3-4B"]
+    lines = {line.split()[0]: line for line in CliRunner().invoke(cli, ["models"]).output.splitlines()}
+    assert all(name in lines for name in tiny) and lines["tiny-qwen2-vl"].endswith("(demo)")
+    assert "  gemma3  " in lines["tiny-gemma3"] and "  llama4  " in lines["tiny-llama4"]
+    others = sorted(ep.name for ep in entry_points(group="vlm_batch") if ep.name != "testing")
+    out = subprocess.run([sys.executable, "-m", "vlm_batch", "models"], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, VLM_BATCH_PLUGINS=",".join(others))).stdout
+    names = {line.split()[0] for line in out.splitlines()}
+    assert not set(tiny) & names and "tiny-qwen2-vl" in names and "Gemma3-4B" in names

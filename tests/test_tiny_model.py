@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-from vlm_batch import runner, sample_data
+from vlm_batch import runner
+
+from vlm_batch.demo import sample_data
+from vlm_batch.vlmeval.datasets import load_dataset
 
 pytestmark = pytest.mark.engine
 BAND = 0.9   # the bar: at least 90% on the sample set, which training never sees
@@ -26,9 +29,8 @@ def fraction(summary) -> float:
 
 
 def summary_dataset(summary):
-    from vlm_batch import vlmeval_bridge
 
-    return vlmeval_bridge.load_dataset(summary.dataset, 1)
+    return load_dataset(summary.dataset, 1)
 
 
 @pytest.mark.parametrize("name", list(sample_data.SETS))
@@ -51,7 +53,7 @@ def test_shipped_model_answers_the_sample_set(tiny_card, tmp_path):
 @pytest.mark.slow
 def test_retraining_from_the_script_lands_in_the_same_band(tiny_card, tmp_path):
     out = tmp_path / "retrained"
-    done = subprocess.run([sys.executable, "-m", "vlm_batch_qwen2_vl.train", "--out", str(out), "--seed", "0"],
+    done = subprocess.run([sys.executable, "-m", "vlm_batch_testing.train_qwen2_vl", "--out", str(out), "--seed", "0"],
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "training.json").read_text())

@@ -15,6 +15,8 @@ import json
 import os
 import statistics
 import tempfile
+from vlm_batch.vlmeval.datasets import load_dataset
+from vlm_batch.vlmeval.files import prediction_file, write_predictions
 
 
 def main() -> None:
@@ -32,14 +34,16 @@ def main() -> None:
 
     from pathlib import Path
 
-    from vlm_batch import sample_data, tiny_judge
-    from vlm_batch import vlmeval_bridge as bridge
-    from vlm_batch.judge import Judge, JudgeServer, score_with
+    from vlm_batch.demo import sample_data
+
+    from vlm_batch_testing import judge as tiny_judge
+    from vlm_batch.judge.server import JudgeServer
+    from vlm_batch.judge.service import Judge, score_with
 
     name = "JudgeBench"
     rows = sample_data.rows(args.items, seed=5)
     sample_data.write_tsv(Path(os.environ["LMUData"]) / f"{name}.tsv", rows)
-    dataset = bridge.load_dataset(name)
+    dataset = load_dataset(name)
     preds = {row["index"]: "I really cannot tell from this picture." for row in rows}
     model = tiny_judge.checkpoint()
     rounds = []
@@ -47,8 +51,8 @@ def main() -> None:
         print(f"server up in {server.started_s:.1f}s on {server.base_url}")
         for r in range(args.repeat):
             for nproc in (1, args.concurrency):
-                path = bridge.prediction_file(os.path.join(root, f"r{r}-n{nproc}"), "bench", name)
-                bridge.write_predictions(dataset, preds, path)
+                path = prediction_file(os.path.join(root, f"r{r}-n{nproc}"), "bench", name)
+                write_predictions(dataset, preds, path)
                 judge = Judge(name="tiny-judge", base_url=server.base_url, nproc=nproc, model="tiny-judge",
                               server=server)
                 _score, stats = score_with(dataset, path, judge)

@@ -13,20 +13,17 @@ image files under `$LMUData/images/NAME` are removed first, so they are decoded 
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import json
 import platform
 import shutil
 import statistics
-import sys
 import time
 
-from . import vlmeval_bridge as bridge
-from .engines import engine_stats, load_engine
-from .placement import generate
+from .engines import engine_stats, load
+from .placement.stream import generate
 from .prepare import Preparer, build_requests, rows_of
+from .vlmeval.datasets import load_dataset
+from .vlmeval.loop import VLMEvalLoop, has_vllm_path
 
 
 LABELS = {
@@ -74,17 +71,17 @@ def _texts(results) -> dict:
 def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128, fixed: int = 4,
               engine_options: dict | None = None, prep_workers: int = 0, repeat: int = 5,
               log=print) -> dict:
-    dataset = bridge.load_dataset(dataset_name, limit)
+    dataset = load_dataset(dataset_name, limit)
     failures: list = []
     requests, prep_s, _ = _timed(lambda: list(build_requests(card, dataset, failures)))
     if failures:
         raise RuntimeError(f"{len(failures)} items could not be prepared, e.g. {failures[0].error}")
-    fresh = bridge.load_dataset(dataset_name, limit)
+    fresh = load_dataset(dataset_name, limit)
     preparer = Preparer(card, {fresh.dataset_name: fresh}, prep_workers)   # forks before the engine
     options = dict(engine_options or {})
     if engine == "vllm":
         options = {**NO_REPEAT_CACHES, **options}
-    eng = load_engine(engine, card, **options)
+    eng = load(engine, card, **options)
     chunks = [requests[i:i + fixed] for i in range(0, len(requests), fixed)]
 
     def pipeline():
@@ -97,8 +94,8 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "vlm_batch": lambda: list(eng.generate(requests)),
         "pipeline": pipeline,
     }
-    loop = vlmeval_loop(card, bridge.load_dataset(dataset_name, limit), options) if engine == "vllm" and \
-        vlmeval_loop_possible(card) else None
+    loop = VLMEvalLoop(card, load_dataset(dataset_name, limit), options) if engine == "vllm" and \
+        has_vllm_path(card) else None
     if loop is not None:
         runs["vlmeval_loop"] = loop
     times: dict = {k: [] for k in runs}
@@ -210,83 +207,3 @@ def write_chart(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def vlmeval_loop_possible(card) -> bool:
-    """VLMEvalKit has a vLLM path for this model: its class takes `use_vllm` and builds `vllm.LLM`."""
-    import inspect
-
-    cls = bridge._vlmeval_class(card.prompt_name)
-    if cls is None:
-        return False
-    try:
-        return "use_vllm" in inspect.getsource(cls.__init__)
-    except (OSError, TypeError):
-        return False
-
-
-class vlmeval_loop:
-    """VLMEvalKit's own inference, as `infer_data` runs it: its model class (use_vllm=True) builds
-    its own `vllm.LLM` (its own max_num_seqs) and is asked one row at a time, with the prompt
-    `infer_data` would choose. Off-GPU, its engine gets this machine's settings (float32, eager, one
-    process, the model's context) and its GPU check is told of a GPU: both are what let it run here.
-    """
-
-    def __init__(self, card, dataset, options: dict):
-        import vllm
-
-        from .engines.vllm import engine_args, prepare_env
-
-        prepare_env()
-        entry = bridge.vlmeval_entry(card.prompt_name)
-        cls = getattr(entry, "func", entry)
-        module = sys.modules[cls.__module__]
-        ours = {k: v for k, v in engine_args(card, **{k: v for k, v in options.items()
-                                                      if k not in ("batch_size", "verbose")}).items()
-                if k not in ("model", "max_num_seqs")}
-        real = vllm.LLM
-
-        def llm(**kwargs):
-            kwargs.pop("gpu_memory_utilization", None)
-            kwargs.pop("max_model_len", None)   # VLMEvalKit asks 32768; the model's own applies
-            return real(**{**kwargs, **ours})
-
-        saved = getattr(module, "get_gpu_memory", None)
-        vllm.LLM = llm
-        if saved is not None:
-            module.get_gpu_memory = lambda: [80_000]
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.model = cls(**{**getattr(entry, "keywords", {}), **card.options, "model_path": card.path(),
-                                    "use_vllm": True})
-        finally:
-            vllm.LLM = real
-            if saved is not None:
-                module.get_gpu_memory = saved
-        self.dataset, self.name = dataset, dataset.dataset_name
-        self.model.set_dump_image(dataset.dump_image)
-        # Its per-call progress bar only draws; vLLM 0.32 divides by its elapsed time, which is 0 on a
-        # fast item (ZeroDivisionError), so the bar is off.
-        llm = self.model.llm
-        llm.generate = functools.partial(llm.generate, use_tqdm=False)
-
-    def __call__(self):
-        from .request import Result
-
-        model, dataset, out = self.model, self.dataset, []
-        shutil.rmtree(dataset.img_root, ignore_errors=True)   # cold, as the pipeline's rounds
-        custom = hasattr(model, "use_custom_prompt") and model.use_custom_prompt(self.name)
-        with contextlib.redirect_stdout(io.StringIO()):   # it prints a line per item
-            for i in range(len(dataset.data)):
-                line = dataset.data.iloc[i]
-                struct = model.build_prompt(line, dataset=self.name) if custom else dataset.build_prompt(line)
-                out.append(Result(index=line["index"], text=model.generate(message=struct, dataset=self.name)))
-        return out
-
-    def close(self) -> None:
-        from .engines.vllm import stop
-
-        llm = getattr(self.model, "llm", None)
-        if llm is not None:
-            self.model.llm = None
-            stop(llm)

@@ -10,8 +10,8 @@ import click
 
 from . import __version__
 from .progress import quiet_when_piped
-from .sample_data import NAME as SAMPLE_DATASET, SETS as SAMPLE_SETS
-from .vlmeval_bridge import KINDS
+from .demo.sample_data import NAME as SAMPLE_DATASET, SETS as SAMPLE_SETS
+from .vlmeval.datasets import KINDS
 
 
 def _fail(message: str) -> None:
@@ -41,11 +41,13 @@ def _resolve_model(name: str | None):
             return get_model(name)
         except UnknownModel as exc:
             _fail(str(exc))
-    demos = [c for c in get_models().values() if c.demo]
-    if not demos:
+    from .demo import demo_card
+
+    demo = demo_card(get_models())
+    if demo is None:
         _fail("No embedded demo model is installed; pass --model (see `vlm-batch models`) "
               "or install a model plugin that ships one (see the README)")
-    return demos[0]
+    return demo
 
 
 class Names(click.Option):
@@ -136,72 +138,34 @@ def cli():
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0),
               help="GPUs each replica holds with --ray; default: --tp on GPU machines, 0 otherwise.")
 @click.option("-v", "--verbose", is_flag=True, help="Engine logs, batch statistics and phase times.")
-def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, judge, judge_base_url, judge_nproc,
-                 judge_gpu_share, engine, use_vllm, batch_size,
-                 max_batch_memory, limit, trust_remote_code, nproc, prep_workers, strict, truncate, tp, use_ray,
-                 ray_address, replicas, gpus_per_replica, verbose):
+def eval_command(**flags):
     """Evaluate models on datasets; with no options, the embedded demo on the sample suite.
 
     `--model A B --dataset X Y Z` runs each model over every dataset through one engine, scoring each
     dataset while the next one generates. Under torchrun (RANK and WORLD_SIZE set) each rank answers
     its share of the rows on its own GPUs and rank 0 merges and scores, as VLMEvalKit's run.py does.
     """
-    _setup_logging(verbose)
+    _setup_logging(flags["verbose"])
     quiet_when_piped()
+    settings = _settings(flags)
     from .engines import EngineError
-    from .executor import Settings
-    from .plan import PlanError, from_config, from_names
-    from .plugins import get_models
+    from .placement.ranks import RankError
+    from .plan import PlanError, build
     from .prepare import PluginError
-    from .ranks import RankError
+    from .progress import SuiteProgress, interactive
     from .state import Locked
-    from .suite import check_engines, run_suite
-    from .vlmeval_bridge import DatasetError
+    from .suite import run_suite
+    from .vlmeval import DatasetError
 
-    if use_vllm:
-        engine = "vllm"
-    if judge.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(judge)):
-        _fail(f"--judge {judge}: no such checkpoint folder (a local judge is a folder, a vlm-batch model or a "
-              "hub id)")
-    ray = None
-    if use_ray or ray_address:
-        from .ray_runner import RayOptions
-
-        ray = RayOptions(address=ray_address, replicas=replicas, gpus_per_replica=gpus_per_replica)
-    elif replicas != 1 or gpus_per_replica is not None:
-        _fail("--replicas and --gpus-per-replica are for --ray runs")
-    options = {"batch_size": batch_size, "trust_remote_code": trust_remote_code, "verbose": verbose}
-    if max_batch_memory:
-        from .memory import parse_size
-
-        if engine == "vllm":
-            _fail("--max-batch-memory sizes transformers batches; vLLM manages its own memory")
-        try:
-            options["max_batch_memory"] = parse_size(max_batch_memory)
-        except ValueError as exc:
-            _fail(str(exc))
     try:
-        if config:
-            if models or datasets:
-                _fail("--config names the models and datasets; leave out --model and --dataset")
-            plan = from_config(config, engine=engine)
-        else:
-            demo = next((c for c in get_models().values() if c.demo), None)
-            plan = from_names(list(models), list(datasets) or list(SAMPLE_SETS), engine=engine, demo=demo,
-                              kind=kind)
-        check_engines(plan, options, mode, tp)
+        plan = build(settings)
+        if settings.mode != "eval":
+            plan.decide_engines(settings.engine_options())
     except (PlanError, DatasetError) as exc:
         _fail(str(exc))
-    from .progress import SuiteProgress, interactive
-
     progress = SuiteProgress() if interactive() else None
-    settings = Settings(work_dir=work_dir, mode=mode, judge=judge, nproc=nproc, judge_base_url=judge_base_url,
-                        judge_nproc=judge_nproc, judge_gpu_share=judge_gpu_share, prep_workers=prep_workers,
-                        rerun=rerun, wait=wait, verbose=verbose, truncate=truncate,
-                        trust_remote_code=trust_remote_code)
     try:
-        result = run_suite(plan, settings, options=options, limit=limit, tp=tp, ray=ray, started=_STARTED.get("at"),
-                           progress=progress)
+        result = run_suite(plan, settings, started=_STARTED.get("at"), progress=progress)
     except (DatasetError, EngineError, PluginError, RankError, Locked, PlanError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -210,14 +174,46 @@ def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, ju
     finally:
         if progress is not None:
             progress.close()
-    ran = [s for s in result.summaries if not s.error]
-    for summary in ran:
-        _report(summary, verbose)
-    if len(result.summaries) > 1:
-        from .report import table
+    _print(result, settings)
+    status = exit_status(result, settings.strict)
+    if status:
+        sys.exit(status)
 
-        click.echo("\n" + table(result.summaries))
-        click.echo(f"summary: {os.path.join(work_dir, 'summary.csv')}")
+
+def _settings(flags: dict):
+    """The command line's flags as the run's Settings: the one place they are read and checked."""
+    from .settings import Settings
+
+    flags = dict(flags)
+    if flags.pop("use_vllm"):
+        flags["engine"] = "vllm"
+    judge = flags["judge"]
+    if judge.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(judge)):
+        _fail(f"--judge {judge}: no such checkpoint folder (a local judge is a folder, a vlm-batch model or a "
+              "hub id)")
+    use_ray, address, replicas, gpus = (flags.pop(k) for k in ("use_ray", "ray_address", "replicas",
+                                                                "gpus_per_replica"))
+    if use_ray or address:
+        from .placement.ray import RayOptions
+
+        flags["ray"] = RayOptions(address=address, replicas=replicas, gpus_per_replica=gpus)
+    elif replicas != 1 or gpus is not None:
+        _fail("--replicas and --gpus-per-replica are for --ray runs")
+    if flags["max_batch_memory"]:
+        from .memory import parse_size
+
+        if flags["engine"] == "vllm":
+            _fail("--max-batch-memory sizes transformers batches; vLLM manages its own memory")
+        try:
+            flags["max_batch_memory"] = parse_size(flags["max_batch_memory"])
+        except ValueError as exc:
+            _fail(str(exc))
+    return Settings(**flags)
+
+
+def exit_status(result, strict: bool) -> int:
+    """0, or 2 when no model ran, 1 when a model, a scoring or (with --strict) an item failed; each said."""
+    ran = [s for s in result.summaries if not s.error]
     status = 0
     for model in result.failed_models:
         click.echo(f"Error: {model['model']}: {model['error']}", err=True)
@@ -229,8 +225,18 @@ def eval_command(models, datasets, kind, config, work_dir, mode, rerun, wait, ju
             status = status or 1
     if strict and any(s.failed for s in ran):
         status = status or 1
-    if status:
-        sys.exit(status)
+    return status
+
+
+def _print(result, settings) -> None:
+    for summary in result.summaries:
+        if not summary.error:
+            _report(summary, settings.verbose)
+    if len(result.summaries) > 1:
+        from .report import table
+
+        click.echo("\n" + table(result.summaries))
+        click.echo(f"summary: {os.path.join(settings.work_dir, 'summary.csv')}")
 
 
 def _report(summary, verbose: bool = False) -> None:
@@ -290,10 +296,12 @@ def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_
     card = _resolve_model(model_name)
     from .bench import run_bench, write_chart, write_json
     from .engines import EngineError
-    from .vlmeval_bridge import DatasetError
+    from .engines.choice import decide
+    from .vlmeval import DatasetError
 
     options = {"batch_size": batch_size, "trust_remote_code": trust_remote_code, "verbose": verbose}
     try:
+        decide(card, engine, trust_remote_code)
         report = run_bench(card, dataset_name, engine=engine, limit=limit, engine_options=options,
                            prep_workers=prep_workers, repeat=repeat, log=click.echo)
     except (DatasetError, EngineError) as exc:
@@ -313,23 +321,19 @@ def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_
 
 
 @cli.command()
-@click.option("--all", "show_all", is_flag=True, help="Also the tiny models the plugins' tests run.")
-def models(show_all):
-    """Every model name, the plugin serving it and its engines (test-only models with --all)."""
+def models():
+    """Every model name, the plugin serving it and its engines."""
     from .plugins import get_models
 
     cards = get_models()
     if not cards:
         click.echo("No models: install a model plugin (see the README).")
         return
-    shown = {name: card for name, card in cards.items() if show_all or not card.test_only}
-    width = max((len(n) for n in shown), default=0)
-    for name in sorted(shown):
-        card = shown[name]
-        extra = " (demo)" if card.demo else " (test model)" if card.test_only else ""
+    width = max(len(n) for n in cards)
+    for name in sorted(cards):
+        card = cards[name]
+        extra = " (demo)" if card.demo else ""
         click.echo(f"{name:<{width}}  {card.plugin}  engines: {', '.join(card.engines)}{extra}")
-    if len(shown) < len(cards):
-        click.echo(f"({len(cards) - len(shown)} test models not shown: --all lists them)")
 
 
 @cli.command()

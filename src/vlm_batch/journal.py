@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 SYNC_EVERY = 16          # records
 SYNC_SECONDS = 1.0
-STALL_ENV = "VLM_BATCH_TEST_STALL_JOURNAL"   # fault injection for tests: stall inside record N
 
 
 def _line(record: dict) -> bytes:
@@ -59,8 +58,7 @@ class Journal:
         self._repair()
         fresh = not self.path.exists() or self.path.stat().st_size == 0
         self.fh = open(self.path, "ab")
-        self.unsynced, self.synced_at, self.written = 0, time.monotonic(), 0
-        self._stall_at = int(os.environ.get(STALL_ENV, "0") or 0)
+        self.unsynced, self.synced_at = 0, time.monotonic()
         if fresh:
             self._write(_line({"journal": FORMAT, **header}))
             self.sync()
@@ -76,12 +74,6 @@ class Journal:
                 fh.truncate(end)
 
     def _write(self, data: bytes) -> None:
-        self.written += 1
-        if self._stall_at and self.written == self._stall_at:
-            self.fh.write(data[: len(data) // 2])
-            self.fh.flush()
-            Path(str(self.path) + ".stalled").touch()
-            time.sleep(600)
         self.fh.write(data)
         self.fh.flush()
 

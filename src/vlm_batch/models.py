@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 @dataclass(frozen=True)
 class ModelCard:
     name: str                                # the VLMEvalKit model name users type
-    family: str                              # the plugin's family; its hooks answer only for this
+    family: str                              # the architecture family, as its plugin names it
     checkpoint: str | Callable[[], str]      # hub id or local path, or a builder for local tiny models
     engines: tuple[str, ...] = ("vllm", "hf")
     vlmeval_name: str | None = None          # whose VLMEvalKit prompt rules apply (default: name)
@@ -23,8 +23,7 @@ class ModelCard:
     options: Mapping[str, Any] = field(default_factory=dict)  # plugin-private facts (pixels, limits)
     description: str = ""
     demo: bool = False                       # the embedded default `vlm-batch eval` runs with no --model
-    test_only: bool = False                  # a tiny model for tests: `vlm-batch models` shows it with --all
-    plugin: str = ""                         # filled in by the plugin manager
+    plugin: str = ""                         # the plugin whose hooks serve it (default: the one registering it)
 
     @property
     def prompt_name(self) -> str:

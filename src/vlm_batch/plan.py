@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from .models import ModelCard
 
@@ -47,8 +48,14 @@ class DatasetSpec:
 @dataclass
 class ModelSpec:
     card: ModelCard
-    engine: str
+    engine: Any = "auto"                          # asked for: auto | vllm | hf, or an engine already running
     options: dict = field(default_factory=dict)   # engine options beyond the command line's
+    choice: Any = None                            # engines.choice.Choice, decided by `Plan.decide_engines`
+
+    @property
+    def running(self) -> bool:
+        """The caller runs the engine (and closes it): a library call with a started engine."""
+        return not isinstance(self.engine, str)
 
 
 @dataclass
@@ -59,6 +66,42 @@ class Plan:
     @property
     def names(self) -> list[str]:
         return [d.name for d in self.datasets]
+
+    def decide_engines(self, options: dict) -> None:
+        """Each model's engine, decided before any model loads (`options`: the run's engine options);
+        every problem in one PlanError."""
+        from .engines import EngineError
+        from .engines.choice import decide
+
+        problems = []
+        for spec in self.models:
+            if spec.running or spec.choice is not None:
+                continue
+            opts = {**options, **spec.options}
+            try:
+                if opts.get("tensor_parallel_size", 1) > 1 and spec.engine == "hf":
+                    raise PlanError(f"--tp {opts['tensor_parallel_size']} splits one model across GPUs, which "
+                                    "only the vllm engine does; the hf engine runs one model per GPU (use more "
+                                    "ranks or replicas)")
+                spec.choice = decide(spec.card, spec.engine, opts.get("trust_remote_code", False))
+            except (EngineError, PlanError) as exc:
+                problems.append(str(exc))
+        if problems:
+            raise PlanError("; ".join(problems))
+
+
+def build(settings) -> Plan:
+    """The plan a run's settings name: a config, or model and dataset names (the demo by default)."""
+    from .demo import demo_card
+    from .demo.sample_data import SETS
+    from .plugins import get_models
+
+    if settings.config:
+        if settings.models or settings.datasets:
+            raise PlanError("--config names the models and datasets; leave out --model and --dataset")
+        return from_config(settings.config, engine=settings.engine)
+    return from_names(list(settings.models), list(settings.datasets) or list(SETS), engine=settings.engine,
+                      kind=settings.kind, demo=demo_card(get_models()))
 
 
 def _unique(items: list) -> list:
@@ -152,16 +195,17 @@ def _unknown_models(bad: list[str], cards: dict) -> str:
 
 
 def _dataset_problems(specs: list[DatasetSpec]) -> list[str]:
-    from . import vlmeval_bridge as bridge
+    from .vlmeval import DatasetError
+    from .vlmeval.datasets import UnknownDataset, check_dataset, unknown_datasets_message
 
     problems, unknown = [], []
     for spec in specs:
         try:
-            bridge.check_dataset(spec.name, spec.kind)
-        except bridge.UnknownDataset:
+            check_dataset(spec.name, spec.kind)
+        except UnknownDataset:
             unknown.append(spec.name)
-        except bridge.DatasetError as exc:
+        except DatasetError as exc:
             problems.append(str(exc))
     if unknown:
-        problems.insert(0, bridge.unknown_datasets_message(unknown))
+        problems.insert(0, unknown_datasets_message(unknown))
     return problems

@@ -1,7 +1,10 @@
 """The plugin manager: entry-point group `vlm_batch`, plus the core's default hook implementations.
 
-`VLM_BATCH_PLUGINS` limits which installed plugins load: a comma-separated list of entry-point
-names, or an empty string for none. Tests register plugins in-process with `pm.register`.
+A card remembers the plugin that serves it, and the core calls that plugin's hooks for it (`hooks`):
+plugins never filter by family. A plugin that serves no models (one that traces or paces requests,
+say) is called for every model. `VLM_BATCH_PLUGINS` limits which installed plugins load: a
+comma-separated list of entry-point names, or an empty string for none. Tests register plugins
+in-process with `pm.register`.
 """
 
 from __future__ import annotations
@@ -41,18 +44,52 @@ def plugin_name(plugin) -> str:
     return pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
 
 
+class UnknownModel(LookupError):
+    pass
+
+
 def get_models() -> dict:
-    """Every ModelCard of every loaded plugin, by name; the first plugin to claim a name keeps it."""
+    """Every ModelCard of every loaded plugin, by name; the first plugin to claim a name keeps it. A
+    card may name the plugin that serves it (the tests' tiny models do); it is left out when that
+    plugin is not loaded."""
     load_plugins()
     cards = {}
     for impl in reversed(pm.hook.vlm_batch_models.get_hookimpls()):
         for card in impl.function() or ():
-            cards.setdefault(card.name, card.with_plugin(plugin_name(impl.plugin)))
+            card = card if card.plugin else card.with_plugin(plugin_name(impl.plugin))
+            if pm.get_plugin(card.plugin) is not None:
+                cards.setdefault(card.name, card)
     return cards
 
 
-class UnknownModel(LookupError):
-    pass
+class CardHooks:
+    """The hooks as one card's plugin answers them, the core's defaults behind it; plugins that serve
+    other models are left out (pluggy calls a subset), plugins that serve none stay in."""
+
+    def __init__(self, card):
+        owner = pm.get_plugin(card.plugin)
+        if owner is None:
+            raise UnknownModel(f"model '{card.name}' is served by the plugin '{card.plugin}', which is not loaded")
+        serving = {impl.plugin for impl in pm.hook.vlm_batch_models.get_hookimpls()}
+        others = [p for p in serving if p is not owner]
+        self.card = card
+        self._prepare = pm.subset_hook_caller("vlm_batch_prepare", others)
+        self._generate = pm.subset_hook_caller("vlm_batch_generate", others)
+        self._estimate = pm.subset_hook_caller("vlm_batch_estimate_memory", others)
+
+    def prepare(self, message, dataset):
+        return self._prepare(card=self.card, message=message, dataset=dataset)
+
+    def generate(self, engine, requests):
+        return self._generate(card=self.card, engine=engine, requests=requests)
+
+    def estimate_memory(self, request):
+        return self._estimate(card=self.card, request=request)
+
+
+def hooks(card) -> CardHooks:
+    load_plugins()
+    return CardHooks(card)
 
 
 def get_model(name: str):

@@ -14,10 +14,10 @@ import logging
 import multiprocessing as mp
 from collections import deque
 
-from . import vlmeval_bridge as bridge
 from .images import open_rgb
-from .plugins import pm
+from .plugins import hooks
 from .request import Result
+from .vlmeval.prompts import prompt_builder
 
 log = logging.getLogger(__name__)
 CHUNK = 8          # rows per pool task: enough to amortise the round trip, small enough to start soon
@@ -34,13 +34,15 @@ def decode_images(message: list[dict]) -> list[dict]:
             for part in message]
 
 
-def prepare(card, index, message, dataset_name: str, fit=None):
+def prepare(card, index, message, dataset_name: str, fit=None, family=None):
     """One message as an engine Request, its tokens counted here so batching needs no tokenizer;
     `fit` (--truncate) cuts the message's text when the prompt would not fit the context."""
     from .memory import prompt_tokens
 
+    family = family or hooks(card)
+
     def one(message):
-        request = pm.hook.vlm_batch_prepare(card=card, message=decode_images(message), dataset=dataset_name)
+        request = family.prepare(decode_images(message), dataset_name)
         if request is None:
             raise PluginError(f"no plugin prepares requests for '{card.name}' (family {card.family})")
         return request
@@ -54,12 +56,12 @@ def prepare(card, index, message, dataset_name: str, fit=None):
     return request
 
 
-def prepare_row(card, dataset, build, i: int, fit=None):
+def prepare_row(card, dataset, build, i: int, fit=None, family=None):
     """Row `i` as a Request, or as a failed Result naming the row and the cause."""
     line = dataset.data.iloc[i]
     index = line["index"]
     try:
-        request = prepare(card, index, build(line), dataset.dataset_name, fit)
+        request = prepare(card, index, build(line), dataset.dataset_name, fit, family)
         request.position = i
         return request
     except Exception as exc:
@@ -73,11 +75,12 @@ class Builders:
 
     def __init__(self, card, datasets: dict, fit=None):
         self.card, self.datasets, self.fit, self._built = card, datasets, fit, {}
+        self.family = hooks(card)
 
     def row(self, name: str, position: int):
         if name not in self._built:
-            self._built[name] = bridge.prompt_builder(self.card, self.datasets[name])
-        return prepare_row(self.card, self.datasets[name], self._built[name], position, self.fit)
+            self._built[name] = prompt_builder(self.card, self.datasets[name])
+        return prepare_row(self.card, self.datasets[name], self._built[name], position, self.fit, self.family)
 
 
 _worker: dict = {}

@@ -47,6 +47,19 @@ class RunSummary:
     def items_per_s(self) -> float:
         return self.generated / self.infer_s if self.infer_s else 0.0
 
+    def message(self) -> dict:
+        """Every field, as JSON can carry it (ranks send their summaries to each other this way)."""
+        return {**asdict(self), "score": _score(self.score), "failed": [[i, c] for i, c in self.failed.items()]}
+
+    @classmethod
+    def from_message(cls, message: dict) -> "RunSummary":
+        fields = dict(message, failed={i: c for i, c in message["failed"]})
+        if isinstance(fields["score"], list):   # a score table's records: the table again
+            import pandas as pd
+
+            fields["score"] = pd.DataFrame(fields["score"])
+        return cls(**fields)
+
 
 def versions() -> dict:
     from .plugins import get_plugins

@@ -15,8 +15,8 @@ import socket
 import threading
 import time
 
-from . import vlmeval_bridge as bridge
 from .journal import read
+from .vlmeval import DatasetError, files
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 10          # a lock's holder touches it this often
@@ -25,7 +25,7 @@ WAIT_POLL_S = 1.0
 
 
 def state_dir(work_dir: str, model: str) -> str:
-    return os.path.join(bridge.pred_root(work_dir, model), ".vlm-batch")
+    return os.path.join(files.pred_root(work_dir, model), ".vlm-batch")
 
 
 def journal_path(work_dir: str, model: str, dataset: str, ranks=None) -> str:
@@ -50,12 +50,12 @@ def load_progress(work_dir: str, model: str, dataset_name: str, own: str | None 
     """
     own = own or journal_path(work_dir, model, dataset_name)
     paths = [p for p in journal_files(work_dir, model, dataset_name) if p != own] + [own]
-    answers = bridge.previous_predictions(work_dir, model, dataset_name)
+    answers = files.previous_predictions(work_dir, model, dataset_name)
     records: dict = {}
     for path in paths:
         header, found = read(path)
         if header and (header.get("model"), header.get("dataset")) != (model, dataset_name):
-            raise bridge.DatasetError(f"{path} belongs to {header.get('model')} on {header.get('dataset')}")
+            raise DatasetError(f"{path} belongs to {header.get('model')} on {header.get('dataset')}")
         records.update(found)
         answers.update({k: r["prediction"] for k, r in found.items() if "error" not in r})
     return answers, records
@@ -64,7 +64,7 @@ def load_progress(work_dir: str, model: str, dataset_name: str, own: str | None 
 def forget(work_dir: str, model: str, dataset_name: str) -> None:
     """The answers now live in the prediction file: drop the run's state (journals, VLMEvalKit's
     pickles), as VLMEvalKit does after merging."""
-    for path in bridge.vlmeval_state_files(work_dir, model, dataset_name) + journal_files(work_dir, model,
+    for path in files.vlmeval_state_files(work_dir, model, dataset_name) + journal_files(work_dir, model,
                                                                                           dataset_name):
         os.remove(path)
 

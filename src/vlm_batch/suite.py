@@ -15,13 +15,14 @@ import time
 from dataclasses import dataclass, field
 
 from . import report
-from . import vlmeval_bridge as bridge
-from .engines import EngineError, check_choice
-from .executor import Executor, Settings
-from .plan import Plan, PlanError
-from .ranks import RankError, Ranks
+from .engines import EngineError
+from .executor import Executor
+from .plan import Plan
+from .placement import placement_for
+from .placement.ranks import Ranks
 from .report import RunSummary
 from .timeline import Timeline
+from .vlmeval.datasets import load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -37,70 +38,28 @@ class SuiteResult:
         return [m for m in self.models if m.get("error")]
 
 
-def placement_for(ranks: Ranks, ray=None, tp: int = 1):
-    """Where this run happens, decided once: Ray replicas, torchrun ranks, or this process."""
-    if ray is not None:
-        if ranks.distributed:
-            raise RankError(f"{ranks}: --ray starts its own replicas; run it as one process, not under torchrun")
-        from .ray_runner import RayPlacement
-
-        return RayPlacement(ray)
-    if ranks.distributed:
-        from .sharded import RankPlacement
-
-        return RankPlacement(ranks, tp)
-    from .placement import Local
-
-    return Local()
-
-
-def engine_options(engine: str, options: dict | None, tp: int = 1) -> dict:
-    """The options an engine is started with; `tp` GPUs per engine need vLLM (tensor parallel)."""
-    options = dict(options or {})
-    if tp > 1:
-        if engine == "hf":
-            raise PlanError(f"--tp {tp} splits one model across GPUs, which only the vllm engine does; "
-                            f"the hf engine runs one model per GPU (use more ranks or replicas)")
-        options["tensor_parallel_size"] = tp
-    return options
-
-
-def check_engines(plan: Plan, options: dict, mode: str, tp: int = 1) -> None:
-    """Before any model loads: each model has the engine asked for, and remote code is opted into."""
-    if mode == "eval":
-        return
-    problems = []
-    for spec in plan.models:
-        if not isinstance(spec.engine, str):
-            continue
-        try:
-            engine_options(spec.engine, options, tp)
-            check_choice(spec.card, spec.engine, options.get("trust_remote_code", False))
-        except (EngineError, PlanError) as exc:
-            problems.append(str(exc))
-    if problems:
-        raise PlanError("; ".join(problems))
-
-
-def run_suite(plan: Plan, settings: Settings, *, options: dict | None = None, limit: int | None = None,
-              tp: int = 1, ray=None, started: float | None = None, progress=None,
+def run_suite(plan: Plan, settings, *, started: float | None = None, progress=None,
               placement=None) -> SuiteResult:
-    """Every model over every dataset. `started`: when the run began (the process start, for the CLI)."""
-    options = dict(options or {})
-    placement = placement or placement_for(Ranks.from_env(), ray, tp)
+    """Every model over every dataset. `started`: when the run began (the process start, for the CLI).
+
+    Each model's engine is decided first, before anything loads (a PlanError names every problem)."""
+    options = settings.engine_options()
+    if settings.mode != "eval":
+        plan.decide_engines(options)
+    placement = placement or placement_for(Ranks.from_env(), settings.ray, settings.tp)
     result = SuiteResult()
     loaded: dict = {}
     kinds = {d.name: d.kind for d in plan.datasets}
 
     def dataset(name: str):
         if name not in loaded:
-            loaded[name] = bridge.load_dataset(name, limit, kinds.get(name))
+            loaded[name] = load_dataset(name, settings.limit, kinds.get(name))
         return loaded[name]
 
     began = time.time() if started is None else started
     timeline = Timeline(began)
     timeline.mark("imports")
-    from .judge import JudgeService
+    from .judge.service import JudgeService
 
     judges = JudgeService(settings.judge, base_url=settings.judge_base_url, nproc=settings.judge_nproc,
                           trust_remote_code=settings.trust_remote_code,
@@ -108,17 +67,13 @@ def run_suite(plan: Plan, settings: Settings, *, options: dict | None = None, li
                           serve_args=(["--gpu-memory-utilization", str(settings.judge_gpu_share)]
                                       if settings.judge_gpu_share is not None else None))
     with placement, judges:   # the judge server, if one started, is stopped on every way out
-        executor = Executor(placement, settings, dataset, progress)
-        executor.judges = judges
+        executor = Executor(placement, settings, dataset, judges, progress)
         for spec in plan.models:
             if len(result.models):
                 timeline = Timeline()
-            model = {"model": spec.card.name, "engine_asked": spec.engine if isinstance(spec.engine, str)
-                     else spec.engine.name}
+            model = {"model": spec.card.name, "engine_asked": spec.engine if not spec.running else spec.engine.name}
             try:
-                opts = engine_options(spec.engine, {**options, **spec.options}, tp) \
-                    if isinstance(spec.engine, str) else dict(options)
-                summaries = executor.run(spec.card, plan.names, spec.engine, opts, timeline)
+                summaries = executor.run(spec, plan.names, {**options, **spec.options}, timeline)
             except EngineError as exc:
                 placement.model_failed(exc)
                 log.error("%s: %s", spec.card.name, exc)

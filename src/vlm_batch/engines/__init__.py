@@ -26,51 +26,24 @@ def vllm_installed() -> bool:
         return False
 
 
-def choose(card, asked: str) -> tuple[str, str | None]:
-    """The engine to start for `asked`, and, when `auto` cannot start with vLLM, why not."""
-    if asked != "auto":
-        return asked, None
-    if "vllm" not in card.engines:
-        return "hf", f"{card.name} has no vLLM path"
-    if "hf" in card.engines and not vllm_installed():
-        return "hf", NO_VLLM
-    return "vllm", None
-
-
-def check_choice(card, name: str, trust_remote_code: bool = False) -> None:
-    """Refuse, before anything loads, an engine the model lacks or remote code not opted into."""
-    if name not in CHOICES:
-        raise EngineError(f"Unknown engine '{name}'. Available: {', '.join(CHOICES)}")
-    if name != "auto" and name not in card.engines:
-        raise EngineError(
-            f"Model '{card.name}' has no {name} engine; it runs on: {', '.join(card.engines)}")
-    if choose(card, name)[0] == "vllm" and not vllm_installed():
-        raise EngineError(f"{NO_VLLM}; use --engine hf, or --engine auto to fall back to it")
-    if card.trust_remote_code and not trust_remote_code:
-        raise EngineError(f"Model '{card.name}' runs code shipped with its checkpoint; "
-                          "pass --trust-remote-code if you trust it")
-
-
-def load_engine(name: str, card, **options):
-    """Start the named engine for `card`; the import of its heavy library happens here."""
-    name = choose(card, name)[0]
-    check_choice(card, name, options.get("trust_remote_code", False))
+def load(name: str, card, **options):
+    """Start the named engine (vllm or hf, already decided: see `choice`) for `card`; the import of its
+    heavy library happens here."""
     if name == "vllm":
         from .vllm import VLLMEngine
 
         return VLLMEngine(card, **{k: v for k, v in options.items() if k not in HF_ONLY})
-    if name == "hf":
-        from .hf import HFEngine
+    from .hf import HFEngine
 
-        return HFEngine(card, **options)
+    return HFEngine(card, **options)
 
 
 def preload(name: str, verbose: bool = False) -> bool:
     """The engine library's imports, here and now; True when its engine runs in a process of its own."""
     if name == "vllm":
-        from .vllm import preload as load
+        from .vllm import preload as vllm_preload
 
-        load(verbose)
+        vllm_preload(verbose)
         return True
     import torch  # noqa: F401
     import transformers  # noqa: F401

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import math
 
-from ..collector import BatchCollector, collect
+from .collector import BatchCollector, collect
 from ..memory import batch_bytes
-from ..processor import BatchProcessor
+from .processor import BatchProcessor
 from ..request import Result
 from . import EngineError, on_gpu, token_ids
 
@@ -74,6 +74,9 @@ class HFEngine:
         self.args = {"max_batch": self.max_batch, "budget_bytes": self.budget, "device": str(self.device),
                      "dtype": str(self.model.dtype)}
         self.last = None   # (collector stats, processor metrics) of the latest generate()
+        from ..plugins import hooks
+
+        self.family = hooks(card)   # its memory estimate sizes the batches
 
     # -- one batch ---------------------------------------------------------------------------------
 
@@ -102,23 +105,25 @@ class HFEngine:
                 torch.cuda.empty_cache()
             raise
         new = out[:, inputs["input_ids"].shape[1]:].tolist()
-        results = []
-        for request, ids, mask in zip(requests, new, inputs["attention_mask"]):
-            ids = ids[:request.max_new_tokens]
-            end = next((i for i, t in enumerate(ids) if t in self.eos), None)
-            kept = ids if end is None else ids[:end + 1]
-            results.append(Result(index=request.index, dataset=request.dataset,
-                                  text=self.tokenizer.decode(kept, skip_special_tokens=True),
-                                  prompt_tokens=int(mask.sum()), output_tokens=len(kept)))
-        return results
+        return [self.finish(request, ids, int(mask.sum())) for request, ids, mask in
+                zip(requests, new, inputs["attention_mask"])]
+
+    def finish(self, request, ids: list, prompt_tokens: int) -> Result:
+        """One row of generated ids as its request's Result: cut at the request's budget and after the
+        first end token, decoded. Families with their own batch code (`generation.generate(hf_batch=)`)
+        end with this too."""
+        ids = ids[:request.max_new_tokens]
+        end = next((i for i, t in enumerate(ids) if t in self.eos), None)
+        kept = ids if end is None else ids[:end + 1]
+        return Result(index=request.index, dataset=request.dataset,
+                      text=self.tokenizer.decode(kept, skip_special_tokens=True),
+                      prompt_tokens=prompt_tokens, output_tokens=len(kept))
 
     # -- a stream ----------------------------------------------------------------------------------
 
     def _sized(self, request):
-        from ..plugins import pm
-
         if not request.memory:
-            kv = pm.hook.vlm_batch_estimate_memory(card=self.card, request=request)
+            kv = self.family.estimate_memory(request)
             request.memory = batch_bytes(self.card, request, kv)
         return request
 

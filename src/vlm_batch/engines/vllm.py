@@ -9,164 +9,26 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
-from contextlib import contextmanager
-from multiprocessing import context as mp_context
 from collections import Counter
 from dataclasses import dataclass
 
 from ..request import Result
 from . import EngineError, on_gpu, token_ids
+from . import environment
+from .processes import engine_process_from_forkserver, engine_threads, one_engine_process, start_forkserver
 
 log = logging.getLogger(__name__)
-
-CPU_ENV = {
-    "VLLM_HOST_IP": "127.0.0.1",        # otherwise vLLM's message queue binds the public interface
-    "VLLM_CPU_KVCACHE_SPACE": "1",      # GiB; vLLM-CPU's default takes a large share of RAM
-}
-QUIET_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-
-
-def prepare_env(verbose: bool = False) -> None:
-    """Environment vLLM reads at import: CPU settings off-GPU, caches under ours, quiet logs."""
-    import sys
-
-    from .environment import cache_dir
-
-    # We stop the engine process with SIGKILL (see close); the semaphores it held are then freed by
-    # multiprocessing's resource tracker, which says so at exit. That is cleanup, not a leak.
-    if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
-        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
-    if not on_gpu():
-        for key, value in CPU_ENV.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
 def preload(verbose: bool = False) -> None:
     """vLLM's heavy imports, in the calling thread: an engine then started in another thread spawns
     its process at once, instead of waiting on import locks other threads hold. First, the process
-    the engine will be forked from starts importing the same, on another core (see `_forkserver`)."""
-    prepare_env(verbose)
-    _forkserver()
+    the engine will be forked from starts importing the same, on another core (see `processes.start_forkserver`)."""
+    environment.prepare(verbose)
+    start_forkserver()
     from vllm import LLM, SamplingParams   # noqa: F401
     import vllm.v1.engine.core   # noqa: F401
-
-
-CHILD_IMPORTS = ["vlm_batch.engines.vllm_child"]
-
-
-def _forkserver() -> None:
-    """A process that imports torch and vLLM now and forks vLLM's engine process later.
-
-    vLLM starts its engine process with `spawn`, which re-imports torch and vLLM there after this
-    process has imported them: on 2 CPU cores, 7 of the engine's 10 s of start. A forkserver started
-    before this process's own import does that import beside it, and each engine process is then
-    forked from it, imports done. It holds no CUDA state (importing torch starts none), so the forked
-    engine is as clean as a spawned one. The engine process gets this process's environment as it is
-    when it starts (`_Carried`), as a spawned one would.
-    """
-    import multiprocessing as mp
-    from multiprocessing import forkserver
-
-    if "forkserver" not in mp.get_all_start_methods() or os.environ.get("VLM_BATCH_SPAWN"):
-        return
-    mp.get_context("forkserver").set_forkserver_preload(CHILD_IMPORTS)
-    with _engine_threads(not _cuda_visible()):
-        forkserver.ensure_running()
-
-
-def _cuda_visible() -> bool:
-    """Without importing torch: whether this machine shows NVIDIA GPUs."""
-    import shutil
-
-    return os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and shutil.which("nvidia-smi") is not None
-
-
-class _Carried(mp_context.ForkServerProcess):
-    """A forkserver process that takes this process's environment of the moment with it."""
-
-    def start(self):
-        self._environ = dict(os.environ)
-        super().start()
-
-    def run(self):
-        try:   # before the environment changes: setproctitle finds argv's memory through it once
-            import setproctitle
-
-            setproctitle.getproctitle()
-        except ImportError:
-            pass
-        os.environ.clear()
-        os.environ.update(self._environ)
-        super().run()
-
-
-class _CarriedContext(mp_context.ForkServerContext):
-    Process = _Carried
-
-
-def _carried_context():
-    """vLLM's process context for its engine process: forked from our forkserver, when it runs."""
-    return _CarriedContext() if _forkserver_running() else None
-
-
-def _forkserver_running() -> bool:
-    from multiprocessing import forkserver
-
-    server = forkserver._forkserver
-    return getattr(server, "_forkserver_pid", None) is not None
-
-
-@contextmanager
-def _engine_process_from_forkserver():
-    """vLLM's engine process, forked from the forkserver instead of spawned (see `_forkserver`)."""
-    import vllm.v1.engine.utils as engine_utils
-
-    ctx = _carried_context()
-    if ctx is None:
-        yield
-        return
-    real = engine_utils.get_mp_context
-    engine_utils.get_mp_context = lambda: ctx
-    try:
-        yield
-    finally:
-        engine_utils.get_mp_context = real
-
-
-def _one_engine_process(args: dict) -> None:
-    """On CPU, run the model inside vLLM's engine-core process rather than a worker of its own.
-
-    vLLM-CPU forces a separate worker process, and the engine core then busy-waits (sched_yield,
-    for a second after each read) on the worker's replies. On a small machine that spinning takes
-    the core our process needs to prepare requests: on 2 cores it cost a third of batched
-    throughput, and starting the engine took twice as long. Passing the single-process executor
-    as a class keeps vLLM from swapping it for the multiprocess one; tensor parallelism still
-    needs the workers, so it is left alone.
-    """
-    if args.get("tensor_parallel_size", 1) == 1 and "distributed_executor_backend" not in args:
-        from vllm.v1.executor.uniproc_executor import UniProcExecutor
-
-        args["distributed_executor_backend"] = UniProcExecutor
-
-
-@contextmanager
-def _engine_threads(cpu: bool):
-    """The engine process, spawned inside this block, takes all cores but one: that one is ours."""
-    if not cpu or "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) - 1))
-    try:
-        yield
-    finally:
-        del os.environ["OMP_NUM_THREADS"]
 
 
 @dataclass
@@ -206,7 +68,7 @@ def engine_args(card, *, batch_size: int | None = None, trust_remote_code: bool 
     args["trust_remote_code"] = trust_remote_code
     args.update(overrides)
     if cpu:
-        _one_engine_process(args)
+        one_engine_process(args)
     return args
 
 
@@ -215,7 +77,7 @@ class VLLMEngine:
 
     def __init__(self, card, *, batch_size: int | None = None, window: int | None = None, gate: int = 32,
                  trust_remote_code: bool = False, verbose: bool = False, **overrides):
-        prepare_env(verbose)
+        environment.prepare(verbose)
         from vllm import LLM
 
         args = engine_args(card, batch_size=batch_size, trust_remote_code=trust_remote_code, **overrides)
@@ -224,7 +86,7 @@ class VLLMEngine:
         self.args = {k: v for k, v in args.items() if k not in ("model", "distributed_executor_backend")}
         args.setdefault("use_tqdm_on_load", verbose)   # its weight-loading bar ignores TQDM_DISABLE
         try:
-            with _engine_threads(cpu), _engine_process_from_forkserver():
+            with engine_threads(cpu), engine_process_from_forkserver():
                 self.llm = LLM(**args)
         except Exception as exc:
             raise EngineError(f"vLLM could not start {card.name}: {type(exc).__name__}: {exc}") from exc
@@ -363,3 +225,4 @@ def stop(llm) -> None:
         core.shutdown()
     except Exception as exc:   # a dead engine may not shut down cleanly; nothing is left to save
         log.debug("vLLM shutdown: %s", exc)
+

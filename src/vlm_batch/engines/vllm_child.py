@@ -1,4 +1,4 @@
-"""Imported by the forkserver vLLM's engine processes are forked from (see `vllm._forkserver`)."""
+"""Imported by the forkserver vLLM's engine processes are forked from (see `processes.start_forkserver`)."""
 
 from vlm_batch.quiet import here
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from vlm_batch.engines.environment import cache_dir
-from vlm_batch.sample_data import corpus as default_corpus
+from vlm_batch.demo.sample_data import corpus as default_corpus
 
 
 def train_tokenizer(special_tokens: list[str], *, chat_template: str | None = None,
@@ -63,3 +63,21 @@ def ensure_checkpoint(name: str, build: Callable[[Path], None], version: str = "
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def randomize(model, std: float = 0.2) -> None:
+    """Every weight matrix drawn again at `std`: large enough that answers vary with the image and the
+    question (at 0.05 with a tiny vocabulary every output collapses to one repeated token)."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, std)
+
+
+def save_model(model, path, eos, pad: int) -> None:
+    """The model with the generation config a hub checkpoint ships: its end tokens and its pad token."""
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.save_pretrained(path)

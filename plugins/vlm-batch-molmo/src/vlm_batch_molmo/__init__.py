@@ -66,16 +66,14 @@ def _picture(message, dataset):
     if not parts:
         return []
     if dataset == "BLINK" and len(parts) > 1:   # as VLMEvalKit: the images side by side, 512 px high
-        from vlmeval.smp import concat_images_vlmeval
+        from vlm_batch.vlmeval.prompts import side_by_side
 
-        return [open_rgb(concat_images_vlmeval([p["value"] for p in parts], target_size=512))]
+        return [open_rgb(side_by_side([p["value"] for p in parts], height=512))]
     return [parts[0]["image"]]
 
 
 @hookimpl
 def vlm_batch_prepare(card, message, dataset):
-    if card.family != FAMILY:
-        return None
     text = "\n".join(p["value"] for p in message if p["type"] == "text")
     return Request(prompt=role_prompt(text), images=_picture(message, dataset),
                    max_new_tokens=card.max_new_tokens, mm_kwargs={"max_crops": card.options["max_crops"]})
@@ -92,8 +90,6 @@ def clean(request, text: str) -> str:
 
 @hookimpl
 def vlm_batch_generate(card, engine, requests):
-    if card.family != FAMILY:
-        return None
     # On transformers the checkpoint's own processor and generate_from_batch (stopping at STOP).
     return generate(engine, requests, stop_tokens=(STOP,), hf_batch=_hf_batch, clean=clean)
 
@@ -102,7 +98,6 @@ def _hf_batch(engine, requests):
     """One batch through the checkpoint's `process` and `generate_from_batch`, padded as Molmo pads (-1)."""
     import torch
     from transformers import GenerationConfig
-    from vlm_batch.request import Result
 
     items = [engine.processor.process(text=r.prompt, images=r.images or None,
                                       images_kwargs={"max_crops": r.mm_kwargs.get("max_crops", MAX_CROPS)},
@@ -121,22 +116,13 @@ def _hf_batch(engine, requests):
         output = engine.model.generate_from_batch(
             batch, GenerationConfig(max_new_tokens=budget, stop_strings=STOP),
             tokenizer=engine.processor.tokenizer)
-    tokenizer, width = engine.processor.tokenizer, batch["input_ids"].shape[1]
-    results = []
-    for request, item, row in zip(requests, items, output[:, width:].tolist()):
-        row = row[:request.max_new_tokens]
-        end = next((i for i, t in enumerate(row) if t in engine.eos), None)
-        kept = row if end is None else row[:end + 1]
-        results.append(Result(index=request.index, dataset=request.dataset,
-                              text=tokenizer.decode(kept, skip_special_tokens=True),
-                              prompt_tokens=len(item["input_ids"]), output_tokens=len(kept)))
-    return results
+    width = batch["input_ids"].shape[1]
+    return [engine.finish(request, row, len(item["input_ids"]))
+            for request, item, row in zip(requests, items, output[:, width:].tolist())]
 
 
 @hookimpl
 def vlm_batch_estimate_memory(card, request):
-    if card.family != FAMILY:
-        return None
     from vlm_batch.memory import estimate_kv
 
     return estimate_kv(card, request, image_tokens)   # every layer full attention; images by their crops

@@ -20,54 +20,7 @@ MAX_IMAGES = 24                       # VLMEvalKit's VLLM_MAX_IMAGE_INPUT_NUM fo
 VLMEVAL_PIXELS = {"min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28}
 OCRBENCH_MIN_PIXELS = 10 * 10 * 28 * 28   # VLMEvalKit's per-dataset override
 
-# The chat template Qwen2-VL-Instruct checkpoints ship (a default system turn when none is given).
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + SYSTEM + "<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}" + IMAGE +
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
-TINY_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
-
-
-def build_tiny(path, init_std: float = 0.02, text: dict | None = None, vision: dict | None = None) -> None:
-    """The tiny Qwen2-VL architecture (1.3M parameters) with random weights: where training starts."""
-    import torch
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor)
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    from vlm_batch_testing.tiny import train_tokenizer
-
-    tok = train_tokenizer(SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE,
-                          eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    torch.manual_seed(0)
-    config = Qwen2VLConfig(
-        text_config=dict(dict(
-            vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"], initializer_range=init_std), **(text or {})),
-        vision_config=dict(dict(depth=2, embed_dim=128, hidden_size=128, num_heads=4, mlp_ratio=4,
-                                initializer_range=init_std), **(vision or {})),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**TINY_PIXELS), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-    processor.save_pretrained(path)
+TINY_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}   # the embedded model's image bounds
 
 
 TRAINED = Path(__file__).with_name("tiny")   # written by `python -m vlm_batch_qwen2_vl.train --out ...`
@@ -111,8 +64,6 @@ def _pixels(card, dataset):
 
 @hookimpl
 def vlm_batch_prepare(card, message, dataset):
-    if card.family != FAMILY:
-        return None
     from qwen_vl_utils import fetch_image
 
     limit = card.vllm_args.get("limit_mm_per_prompt", {}).get("image", MAX_IMAGES)
@@ -125,8 +76,6 @@ def vlm_batch_prepare(card, message, dataset):
 
 @hookimpl
 def vlm_batch_estimate_memory(card, request):
-    if card.family != FAMILY:
-        return None
     from vlm_batch.memory import estimate_kv
 
     return estimate_kv(card, request, image_tokens)   # every layer full attention
@@ -156,8 +105,6 @@ def last_boxed(text: str) -> str:
 
 @hookimpl
 def vlm_batch_generate(card, engine, requests):
-    if card.family != FAMILY:
-        return None
     # <|im_end|> ends the assistant's turn (the checkpoint says so too); `post_process` is VLMEvalKit's
     # opt-in extraction of a \\boxed{} answer (off by default there, and here).
     clean = (lambda request, text: last_boxed(text)) if card.options.get("post_process") else None

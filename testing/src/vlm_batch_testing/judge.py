@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from vlm_batch_testing.tiny import ensure_checkpoint, train_tokenizer
+from .tiny import ensure_checkpoint, train_tokenizer
 
 LETTER = "B"
 NAME = "tiny-judge"
@@ -29,7 +29,7 @@ MAX_LEN = 4096   # VLMEvalKit's judge asks for max_tokens=2048 on top of a promp
 
 def _prompts(rng: random.Random, n: int) -> list[str]:
     """Varied user turns: VLMEvalKit's judge phrasing, options, answers, greetings, noise."""
-    from .sample_data import corpus
+    from vlm_batch.demo.sample_data import corpus
 
     words = list(dict.fromkeys(corpus()))
     out = ["hello", "Hello!", ""]

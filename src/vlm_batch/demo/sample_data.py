@@ -162,14 +162,6 @@ def kind_of(name: str) -> str | None:
     return SETS[name][0] if name in SETS else None
 
 
-def lmudata_root() -> Path:
-    """VLMEvalKit's data root, resolved as VLMEvalKit does, without importing it."""
-    env = os.environ.get("LMUData")
-    if env and os.path.exists(env):
-        return Path(env)
-    return Path.home() / "LMUData"
-
-
 def write_tsv(path: Path, data: list[dict]) -> Path:
     import pandas as pd
 
@@ -183,11 +175,12 @@ def write_tsv(path: Path, data: list[dict]) -> Path:
     return path
 
 
-def ensure(name: str = NAME) -> Path:
-    """Write the sample TSV into `$LMUData`, or rewrite it if an older version of the set is there."""
+def ensure(name: str, root: Path) -> Path:
+    """Write the sample TSV into `root` (VLMEvalKit's `$LMUData`), or rewrite it if an older version
+    of the set is there."""
     import pandas as pd
 
-    path = lmudata_root() / f"{name}.tsv"
+    path = root / f"{name}.tsv"
     data = SETS[name][1]()
     if not path.exists() or path.read_text() != pd.DataFrame(data).to_csv(sep="\t", index=False):
         write_tsv(path, data)

@@ -21,10 +21,11 @@ import pickle
 import time
 from dataclasses import dataclass
 
-from .engines import EngineError
-from .journal import key
-from .placement import Local
-from .request import Result
+from ..engines import EngineError
+from ..journal import key
+from ..request import Result
+from .base import Placement
+from .stream import answered
 
 log = logging.getLogger(__name__)
 PREP_ROWS = 8        # rows per preparation task
@@ -109,8 +110,8 @@ def _worker() -> str:
 
 def prepare_batch(batch: dict, card, dataset_refs: dict, fit=None) -> dict:
     """Rows (by dataset and position) as pickled Requests, or the cause a row cannot be asked; a CPU task."""
-    from .plugins import load_plugins
-    from .prepare import Builders
+    from ..plugins import load_plugins
+    from ..prepare import Builders
 
     load_plugins()   # a fresh worker: the installed plugins, as the driver has them
     builders = Builders(card, {n: _dataset(dataset_refs, n) for n in set(batch["dataset"])}, fit)
@@ -130,13 +131,14 @@ def prepare_batch(batch: dict, card, dataset_refs: dict, fit=None) -> dict:
 class Replica:
     """One engine, started by the same plugin hooks as a single-process run, answering batches."""
 
-    def __init__(self, card, engine: str, engine_options: dict):
-        from .engines import load_engine
-        from .plugins import load_plugins
+    def __init__(self, card, choice, engine_options: dict):
+        from ..engines.start import EngineStart
+        from ..plugins import load_plugins
 
         load_plugins()
-        self.card, self.engine_name, self.options = card, engine, engine_options
-        self.engine = load_engine(engine, card, **engine_options)
+        self.card = card
+        self.start = EngineStart(card, choice, engine_options)
+        self.start.get()   # up (or fallen back) before the first batch, or the actor fails with why
         self.id = _worker()
         self.restarts = 0
         self.ready_at = time.time()   # generation time is counted from the first replica ready
@@ -144,34 +146,27 @@ class Replica:
     def __call__(self, batch: dict):
         """The batch's answers, RESULT_ROWS at a time as they finish; an engine that dies is
         restarted once per batch, and the batch's rows not yet answered go to the new one."""
-        from .engines import load_engine
-        from .placement import generate
-
         rows = list(zip(batch["dataset"], batch["index"], batch["position"], batch["prepared_by"]))
         where = {(str(d), json.loads(i)): (int(p), str(by)) for d, i, p, by in rows}
-        pending, done, answered = [], [], set()
+        pending, done = [], []
         for name, index, blob, error in zip(batch["dataset"], batch["index"], batch["request"], batch["error"]):
             if blob:
                 pending.append(pickle.loads(blob))
             else:
                 done.append(Result(index=json.loads(index), error=str(error), dataset=str(name)))
-        for attempt in range(2):
-            try:
-                for result in generate(self.card, self.engine, iter(pending)):
-                    done.append(result)
-                    answered.add(result.key)
-                    if len(done) >= RESULT_ROWS:
-                        yield self._rows(done, where)
-                        done = []
-                break
-            except EngineError as exc:
-                pending = [r for r in pending if r.key not in answered]
-                if attempt:
-                    raise EngineError(f"replica {self.id}: {exc}") from exc
-                log.error("replica %s: %s; restarting its engine for %d items", self.id, exc, len(pending))
-                self.engine.close()
-                self.engine = load_engine(self.engine_name, self.card, **self.options)
-                self.restarts += 1
+
+        def restarted(exc):
+            log.error("replica %s: %s; restarting its engine", self.id, exc)
+            self.restarts += 1
+
+        try:
+            for result in answered(self.card, self.start, pending, on_restart=restarted):
+                done.append(result)
+                if len(done) >= RESULT_ROWS:
+                    yield self._rows(done, where)
+                    done = []
+        except EngineError as exc:
+            raise EngineError(f"replica {self.id}: {exc}") from exc
         if done:
             yield self._rows(done, where)
 
@@ -185,7 +180,7 @@ class Replica:
                 "prompt_tokens": [int(r.prompt_tokens) for r in results],
                 "output_tokens": [int(r.output_tokens) for r in results],
                 "truncated": [json.dumps(r.truncated) for r in results],
-                "replica": [self.id] * len(results), "engine": [self.engine.name] * len(results),
+                "replica": [self.id] * len(results), "engine": [self.start.name] * len(results),
                 "restarts": [self.restarts] * len(results), "ready_at": [self.ready_at] * len(results),
                 "prepared_by": [by for _, by in spots]}
 
@@ -212,27 +207,22 @@ def _result(row) -> Result:
 
 # -- the driver ------------------------------------------------------------------------------------
 
-class _Replicas:
-    """Stands where a single-process run has its engine: what the replicas reported about themselves."""
+class ReplicaStart:
+    """Where a single-process run has its engine start: what the replicas reported about themselves."""
 
-    def __init__(self, engine: str, options: RayOptions):
-        self.name, self.options = engine, options
-        self.engine = self
-        self.owned = True
+    owned = True
+
+    def __init__(self, choice, options: RayOptions, engine_options: dict):
+        self.choice, self.options, self.engine_options = choice, options, engine_options
+        self.name, self.fallback = choice.engine, choice.fallback
         self.began, self.ready_at = time.time(), None
         self.stats: dict = {}
-
-    def ready(self) -> bool:
-        return True
-
-    def get(self):
-        return self
 
     def describe(self) -> tuple:
         return self.name, {"ray": self.stats}
 
     def close(self) -> None:
-        pass
+        """The replicas' engines go with the Ray pipeline that ran them."""
 
     def times(self) -> dict:
         return {"began_at": self.began, "ready_at": self.ready_at, "closed_at": None, "start_s": None}
@@ -251,7 +241,7 @@ class _Datasets:
         return None
 
 
-class RayPlacement(Local):
+class RayPlacement(Placement):
     """Every row, answered by replicas on a Ray cluster; this process journals, writes and scores."""
 
     name = "Ray replicas"
@@ -273,20 +263,15 @@ class RayPlacement(Local):
             ray.shutdown()
         return None
 
-    def start(self, card, engine: str, options: dict) -> _Replicas:
-        from .engines import choose
-
-        engine, fallback = choose(card, engine)   # on the replicas, auto falls back only where vLLM is absent
-        replicas = _Replicas(engine, self.options)
-        replicas.engine_options, replicas.fallback = options, fallback
-        return replicas
+    def start(self, card, choice, options: dict) -> ReplicaStart:
+        return ReplicaStart(choice, self.options, options)
 
     def preparer(self, card, datasets: dict, workers: int = 0, fit=None) -> _Datasets:
         return _Datasets(datasets, fit)
 
-    def answer(self, card, start: _Replicas, preparer: _Datasets, work, on_restart=None):
+    def answer(self, card, start: ReplicaStart, preparer: _Datasets, work, on_restart=None):
         """Results for `work` ((dataset, position) pairs) from the replicas, each row once."""
-        from .engines import on_gpu
+        from ..engines import on_gpu
 
         opts, engine_options = self.options, start.engine_options
         verbose = engine_options.get("verbose", False)
@@ -320,7 +305,7 @@ class RayPlacement(Local):
                                                                            "fit": preparer.fit},
                                             batch_size=PREP_ROWS, num_cpus=prep_cpus)
                 results = prepared.map_batches(
-                    Replica, fn_constructor_kwargs={"card": card, "engine": start.name,
+                    Replica, fn_constructor_kwargs={"card": card, "choice": start.choice,
                                                     "engine_options": engine_options},
                     compute=ray.data.ActorPoolStrategy(size=opts.replicas), batch_size=batch_rows,
                     num_cpus=replica_cpus, num_gpus=gpus or None)

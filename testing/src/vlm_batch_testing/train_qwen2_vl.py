@@ -1,6 +1,6 @@
 """Train the embedded `tiny-qwen2-vl` to answer the sample sets of every kind.
 
-    python -m vlm_batch_qwen2_vl.train --out DIR [--seed 0]
+    python -m vlm_batch_testing.train_qwen2_vl --out DIR [--seed 0]
 
 Training rows come from the sample-set generators with other seeds than the sample sets, and go
 through the same path as an evaluation (VLMEvalKit's prompt for the kind, the plugin's `prepare`),
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("vlm_batch_qwen2_vl.train")
+log = logging.getLogger("vlm_batch_testing.train_qwen2_vl")
 
 TRAIN_SEED_OFFSET = 1000     # the sample set uses seed 0: training never sees its rows
 END = "<|im_end|>"
@@ -34,13 +34,14 @@ END = "<|im_end|>"
 
 def _requests(name: str, rows: list[dict], kind: str | None):
     """The rows as the evaluation asks them: VLMEvalKit's prompt for that kind, the plugin's prepare."""
-    from vlm_batch import sample_data, vlmeval_bridge
+    from vlm_batch.demo import sample_data
+    from vlm_batch.vlmeval.datasets import load_dataset
     from vlm_batch.prepare import build_requests
     from vlm_batch.plugins import get_model
 
     sample_data.write_tsv(sample_data.lmudata_root() / f"{name}.tsv", rows)
     failures: list = []
-    requests = list(build_requests(get_model("tiny-qwen2-vl"), vlmeval_bridge.load_dataset(name, kind=kind),
+    requests = list(build_requests(get_model("tiny-qwen2-vl"), load_dataset(name, kind=kind),
                                    failures))
     assert not failures, failures[:3]
     return requests
@@ -50,7 +51,7 @@ def training_examples(n: int, seed: int) -> list[dict]:
     """`n` generated rows of each sample set's kind, as the evaluation asks them: multiple choice
     (answered with the option's word, plus a name-it form of the same image), Yes/No, open answer,
     and multiple choice over several images (answered with the option's word)."""
-    from vlm_batch import sample_data
+    from vlm_batch.demo import sample_data
 
     s = TRAIN_SEED_OFFSET + seed
     drawn = sample_data.items(n, seed=s)
@@ -153,7 +154,7 @@ def train(out: Path, *, seed: int = 0, steps: int = 3000, first: int = 1200, row
     import torch
     from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    from . import build_tiny
+    from .qwen2_vl import build_tiny
 
     torch.manual_seed(seed)
     started = time.perf_counter()

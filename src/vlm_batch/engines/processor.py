@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .request import Result
+from ..request import Result
 
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 

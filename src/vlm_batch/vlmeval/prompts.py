@@ -1,0 +1,102 @@
+"""The message VLMEvalKit would send the model for a row: the dataset's prompt or the model class's own."""
+
+from __future__ import annotations
+
+import functools
+import os
+import os.path as osp
+import warnings
+
+from ..request import item_key
+from .registry import vlmeval_class
+from .rows import ItemError
+
+
+def prompt_model(card, dataset):
+    """VLMEvalKit's own model class for this card, with only what its prompt methods read.
+
+    Its constructor would load weights; the prompt methods need just the attributes the plugin
+    lists in `card.prompt_attrs` (a parity test checks them against the real constructor).
+    """
+    cls = vlmeval_class(card.prompt_name)
+    if cls is None:
+        return None
+    from vlmeval.vlm.base import BaseModel
+
+    model = object.__new__(cls)
+    BaseModel.__init__(model)
+    model.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in card.prompt_attrs.items()})
+    model.set_dump_image(dataset.dump_image)
+    return model
+
+
+def prompt_builder(card, dataset):
+    """The message-building function `infer_data` would use for this model and dataset."""
+    if getattr(dataset, "force_use_dataset_prompt", False):
+        return _guarded(dataset.build_prompt, dataset)
+    model = prompt_model(card, dataset)
+    name = dataset.dataset_name
+    with warnings.catch_warnings():   # "custom dataset, treated as MCQ" is expected for local TSVs
+        warnings.simplefilter("ignore")
+        custom = model is not None and model.use_custom_prompt(name)
+    return _guarded(functools.partial(model.build_prompt, dataset=name) if custom else dataset.build_prompt,
+                    dataset)
+
+
+def _guarded(build, dataset):
+    """`build` with clear per-row errors, and odd-but-valid images converted where VLMEvalKit fails.
+
+    VLMEvalKit writes each base64 image to a PNG under `$LMUData/images` before prompting; modes
+    PNG cannot hold (CMYK) make that fail. We then write the file ourselves, as RGB, at the path
+    VLMEvalKit uses, and build again: the prompt stays exactly VLMEvalKit's.
+    """
+    bad = getattr(dataset, "bad_rows", {})
+
+    def build_row(line):
+        if bad and item_key(line["index"]) in bad:
+            raise ItemError(bad[item_key(line["index"])])
+        question = line.get("question") if hasattr(line, "get") else None
+        if "question" in line and (question is None or str(question).strip() in ("", "nan")):
+            raise ItemError("empty question")
+        try:
+            return build(line)
+        except Exception as first:
+            if not _write_images(dataset, line):
+                raise ItemError(f"could not build the prompt: {type(first).__name__}: {first}") from first
+            return build(line)
+
+    return build_row
+
+
+def _image_targets(dataset, line) -> list[tuple[str, str]]:
+    """(base64, file path) pairs where VLMEvalKit's `dump_image` puts this row's images."""
+    images, names = line.get("image"), line.get("image_path")
+    if not isinstance(images, (list, str)) or not images:
+        return []
+    if isinstance(images, str):
+        images = [images]
+        names = [names] if isinstance(names, str) else [f"{line['index']}.png"]
+    elif not isinstance(names, list):
+        names = [f"{line['index']}_{i}.png" for i in range(len(images))]
+    return [(b64, osp.join(dataset.img_root, name)) for b64, name in zip(images, names)]
+
+
+def _write_images(dataset, line) -> bool:
+    """Decode the row's base64 images our way (raising a clear ImageError) and save them as RGB PNGs."""
+    from ..images import decode_base64
+
+    targets = _image_targets(dataset, line)
+    for b64, path in targets:
+        picture = decode_base64(b64)
+        os.makedirs(osp.dirname(path), exist_ok=True)
+        picture.save(path, format="PNG")
+    return bool(targets)
+
+
+
+def side_by_side(paths: list[str], height: int):
+    """VLMEvalKit's joining of several images into one, side by side at `height` pixels (its models
+    that take one image see a multi-image row this way); returns the joined picture's file path."""
+    from vlmeval.smp import concat_images_vlmeval
+
+    return concat_images_vlmeval(paths, target_size=height)
