@@ -166,10 +166,14 @@ def test_two_ranks_merge_every_dataset_into_the_single_process_prediction_files(
     from helpers import shape_rows, write_dataset
 
     n = 12
-    second = write_dataset(lmudata, "RanksSecond", shape_rows(10, seed=61, first=700))
+    rows = shape_rows(10, seed=61, first=700)
+    for long in rows[2:4]:   # one over-long prompt in each rank's share: --truncate cuts both
+        long["hint"] = "the weather report says it may rain later today " * 400
+    second = write_dataset(lmudata, "RanksSecond", rows)
     names = ["VLMBatchShapes", second]
-    singles = [runner.run_eval(tiny_card, d, work_dir=str(tmp_path / "single"), engine="hf", limit=n)
+    singles = [runner.run_eval(tiny_card, d, work_dir=str(tmp_path / "single"), engine="hf", limit=n, truncate=True)
                for d in names]
+    assert [s.truncated for s in singles] == [0, 2]
     port = _free_port()
     work = tmp_path / "ranks"
     procs = []
@@ -178,7 +182,7 @@ def test_two_ranks_merge_every_dataset_into_the_single_process_prediction_files(
                    MASTER_PORT=str(port))
         with open(tmp_path / f"out{rank}", "w") as out, open(tmp_path / f"err{rank}", "w") as err:
             procs.append(subprocess.Popen([sys.executable, "-m", "vlm_batch", "eval", "--engine", "hf", "--limit",
-                                           str(n), "--dataset", *names, "--work-dir", str(work)],
+                                           str(n), "--dataset", *names, "--work-dir", str(work), "--truncate"],
                                           env=env, stdout=out, stderr=err))
     try:
         for p in procs:
@@ -193,7 +197,7 @@ def test_two_ranks_merge_every_dataset_into_the_single_process_prediction_files(
         assert p.returncode == 0, f"rank {rank}: {err[-3000:]}"
         # every rank prints the whole run's summary, scored once by rank 0
         assert f"items {n}: generated {n}, resumed 0, failed 0" in out, out
-        assert "items 10: generated 10, resumed 0, failed 0" in out, out
+        assert "items 10: generated 10, resumed 0, failed 0, truncated 2" in out, out   # both ranks' cuts
         assert out.count("Overall") == 2
         for d in names:
             assert f"rank {rank} of 2 wrote {rank}2_{d}.pkl" in err, err[-2000:]
@@ -205,6 +209,7 @@ def test_two_ranks_merge_every_dataset_into_the_single_process_prediction_files(
         assert [(r["rank"], r["generated"]) for r in report["engine"]["ranks"]] == [(0, half), (1, half)]
         assert report["generated"] == len(merged) and report["score"] == json.loads(
             Path(single.report_file).read_text())["score"]
+        assert report["truncated"] == single.truncated
     # merged, then removed with the journals and locks, as infer_data_job removes its rank files
     assert not list(model_dir.glob("[01]2_*.pkl*")) and not list((model_dir / ".vlm-batch").glob("*.journal"))
     assert not list((model_dir / ".vlm-batch").glob("*.lock"))

@@ -93,8 +93,8 @@ def test_replicas_take_every_dataset_of_a_suite(ray_cluster, tiny_card, single, 
     second = write_dataset(lmudata, "RaySecond", shape_rows(12, seed=60, first=300))
     alone = runner.run_eval(tiny_card, second, work_dir=str(tmp_path / "alone"), engine="hf")
     plan = Plan([ModelSpec(tiny_card, "hf")], [DatasetSpec("VLMBatchShapes"), DatasetSpec(second)])
-    result = run_suite(plan, Settings(work_dir=str(tmp_path / "ray")), limit=N,
-                       ray=RayOptions(replicas=2, batch_rows=BATCH))
+    result = run_suite(plan, Settings(work_dir=str(tmp_path / "ray"), limit=N,
+                                      ray=RayOptions(replicas=2, batch_rows=BATCH)))
     first, other = result.summaries
     pd.testing.assert_frame_equal(pd.read_excel(first.prediction_file), pd.read_excel(single.prediction_file))
     pd.testing.assert_frame_equal(pd.read_excel(other.prediction_file), pd.read_excel(alone.prediction_file))

@@ -53,7 +53,7 @@ def test_errors_still_show(tmp_path):
     assert not NOISE.search(run.stderr), run.stderr
 
 
-LOG = ("import logging, sys; from vlm_batch.cli import _setup_logging; _setup_logging(sys.argv[1] == '-v')\n"
+LOG = ("import logging, sys; from vlm_batch.quiet import setup_logging; setup_logging(sys.argv[1] == '-v')\n"
        "logging.getLogger('vlm_batch.prepare').warning('item 7 of X failed before generation')\n"
        "logging.getLogger('vllm.triton_utils.importing').info('a library notice')\n"
        "logging.getLogger('torch._library.triton').error('a library error')\n")

@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .progress import quiet_when_piped
+from .quiet import setup_logging
 from .demo.sample_data import NAME as SAMPLE_DATASET, SETS as SAMPLE_SETS
 from .vlmeval.datasets import KINDS
 
@@ -17,20 +18,6 @@ from .vlmeval.datasets import KINDS
 def _fail(message: str) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(2)
-
-
-def _setup_logging(verbose: bool) -> None:
-    """Our own messages at INFO (DEBUG with --verbose); other libraries' only when they matter:
-    their INFO (vLLM's before it configures its own logging) and start-up notices only with --verbose."""
-    from .quiet import quiet
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-                        if verbose else "%(levelname)s: %(message)s")
-    logging.getLogger("vlm_batch").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("vlmeval", "httpx", "urllib3", "PIL", "matplotlib", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
-    quiet(verbose)
 
 
 def _resolve_model(name: str | None):
@@ -145,35 +132,25 @@ def eval_command(**flags):
     dataset while the next one generates. Under torchrun (RANK and WORLD_SIZE set) each rank answers
     its share of the rows on its own GPUs and rank 0 merges and scores, as VLMEvalKit's run.py does.
     """
-    _setup_logging(flags["verbose"])
+    setup_logging(flags["verbose"])
     quiet_when_piped()
     settings = _settings(flags)
     from .engines import EngineError
     from .placement.ranks import RankError
-    from .plan import PlanError, build
+    from .plan import PlanError
     from .prepare import PluginError
-    from .progress import SuiteProgress, interactive
+    from .progress import interactive
     from .state import Locked
-    from .suite import run_suite
+    from .suite import run
     from .vlmeval import DatasetError
 
     try:
-        plan = build(settings)
-        if settings.mode != "eval":
-            plan.decide_engines(settings.engine_options())
-    except (PlanError, DatasetError) as exc:
-        _fail(str(exc))
-    progress = SuiteProgress() if interactive() else None
-    try:
-        result = run_suite(plan, settings, started=_STARTED.get("at"), progress=progress)
+        result = run(settings, started=_STARTED.get("at"), progress=interactive())
     except (DatasetError, EngineError, PluginError, RankError, Locked, PlanError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         click.echo("\nInterrupted: every finished item is saved; rerun the same command to resume.", err=True)
         sys.exit(130)
-    finally:
-        if progress is not None:
-            progress.close()
     _print(result, settings)
     status = exit_status(result, settings.strict)
     if status:
@@ -229,50 +206,14 @@ def exit_status(result, strict: bool) -> int:
 
 
 def _print(result, settings) -> None:
+    from .report import describe, table
+
     for summary in result.summaries:
         if not summary.error:
-            _report(summary, settings.verbose)
+            click.echo("\n".join(describe(summary, settings.verbose)))
     if len(result.summaries) > 1:
-        from .report import table
-
         click.echo("\n" + table(result.summaries))
         click.echo(f"summary: {os.path.join(settings.work_dir, 'summary.csv')}")
-
-
-def _report(summary, verbose: bool = False) -> None:
-    fallback = f" ({summary.engine_fallback})" if summary.engine_fallback else ""
-    click.echo(f"model {summary.model} | dataset {summary.dataset} | engine {summary.engine or '-'}{fallback}")
-    if summary.skipped:
-        click.echo(f"items {summary.items}: finished by an earlier run (pass --rerun to run it again)")
-    elif summary.engine or summary.resumed:
-        click.echo(f"items {summary.items}: generated {summary.generated}, resumed {summary.resumed}, "
-                   f"failed {len(summary.failed)}" + (f", truncated {summary.truncated}" if summary.truncated
-                                                       else "") + f"; generation {summary.infer_s:.1f}s "
-                   f"({summary.items_per_s:.1f} items/s)" + (f"; engine restarts {summary.restarts}"
-                                                            if summary.restarts else ""))
-        for index, cause in list(summary.failed.items())[:20]:
-            click.echo(f"  failed item {index}: {cause}")
-        if len(summary.failed) > 20:
-            click.echo(f"  ... and {len(summary.failed) - 20} more: "
-                       + ", ".join(str(i) for i in list(summary.failed)[20:]))
-        if verbose:
-            for key, value in summary.engine_stats.items():
-                click.echo(f"  {key}: {value}")
-    click.echo(f"predictions: {summary.prediction_file}")
-    click.echo(f"run report: {summary.report_file}")
-    judge = summary.judge or {}
-    if judge.get("base_url") or judge.get("calls") is not None:
-        rate = f", {judge['calls_per_s']:.1f} calls/s" if judge.get("calls_per_s") else ""
-        click.echo(f"judge {judge.get('model')}: {judge.get('calls')} calls, {judge.get('failures')} failed"
-                   f"{rate}, {judge.get('time_s', 0):.1f}s" + (f" (server start {judge['server_start_s']:.1f}s)"
-                                                              if judge.get("server_start_s") else ""))
-    if summary.score is not None:
-        click.echo("score:")
-        click.echo(summary.score.to_string(index=False) if hasattr(summary.score, "to_string")
-                   else str(summary.score))
-    if verbose and summary.phases_s:
-        click.echo("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary.phases_s.items()))
-    click.echo(f"wall time {summary.wall_s:.1f}s")
 
 
 @cli.command()
@@ -291,7 +232,7 @@ def _report(summary, verbose: bool = False) -> None:
 def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_path, repeat, prep_workers,
           trust_remote_code, verbose):
     """Items/s one at a time, in fixed batches of 4, and batched by vlm-batch, in one run."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     quiet_when_piped()
     card = _resolve_model(model_name)
     from .bench import run_bench, write_chart, write_json

@@ -32,15 +32,17 @@ def counted(items, progress):
 
 
 class SuiteProgress:
-    """Two bars: the whole suite (every model's rows still to answer) and the dataset now answering."""
+    """Two bars: the whole suite (every model's rows still to answer) and the dataset now answering;
+    drawn from the first model's start on, so a run refused before that draws none."""
 
     def __init__(self):
-        self.suite = bar(0, "suite", 0)
+        self.suite = None
         self.current = None
         self.dataset = None
         self.totals: dict = {}
 
     def model(self, name: str, items: int, per_dataset: dict | None = None) -> None:
+        self.suite = self.suite or bar(0, "suite", 0)
         self.suite.total = (self.suite.total or 0) + items
         self.suite.set_description_str(f"suite ({name})", refresh=False)
         self.suite.refresh()
@@ -63,7 +65,8 @@ class SuiteProgress:
     def close(self) -> None:
         if self.current is not None:
             self.current.close()
-        self.suite.close()
+        if self.suite is not None:
+            self.suite.close()
 
 
 def brief(stats: dict) -> str:

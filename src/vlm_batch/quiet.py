@@ -1,4 +1,5 @@
-"""The third-party notices a run prints without --verbose: none, in this process or vLLM's engine process.
+"""What a run logs: our own messages, and of the third-party notices without --verbose none, in this
+process or vLLM's engine process.
 
 Each one is silenced by name, so errors, real exceptions and our own warnings still show. The
 engine process is forked from a forkserver (or spawned) that starts with this process's
@@ -49,3 +50,15 @@ def here() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for category, module in WARNINGS:
         warnings.filterwarnings("ignore", category=category, module=module.replace(".", r"\.") + r"\Z")
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our own messages at INFO (DEBUG with --verbose); other libraries' only when they matter:
+    their INFO (vLLM's before it configures its own logging) and start-up notices only with --verbose."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+                        if verbose else "%(levelname)s: %(message)s")
+    logging.getLogger("vlm_batch").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("vlmeval", "httpx", "urllib3", "PIL", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    quiet(verbose)

@@ -176,6 +176,45 @@ def finished_summary(prediction_file: str, model: str, dataset: str) -> RunSumma
                       report_file=path, skipped=True)
 
 
+def describe(summary: RunSummary, verbose: bool = False) -> list[str]:
+    """What the command prints of one dataset's run, line by line."""
+    out = []
+    fallback = f" ({summary.engine_fallback})" if summary.engine_fallback else ""
+    out.append(f"model {summary.model} | dataset {summary.dataset} | engine {summary.engine or '-'}{fallback}")
+    if summary.skipped:
+        out.append(f"items {summary.items}: finished by an earlier run (pass --rerun to run it again)")
+    elif summary.engine or summary.resumed:
+        out.append(f"items {summary.items}: generated {summary.generated}, resumed {summary.resumed}, "
+                   f"failed {len(summary.failed)}" + (f", truncated {summary.truncated}" if summary.truncated
+                                                       else "") + f"; generation {summary.infer_s:.1f}s "
+                   f"({summary.items_per_s:.1f} items/s)" + (f"; engine restarts {summary.restarts}"
+                                                            if summary.restarts else ""))
+        for index, cause in list(summary.failed.items())[:20]:
+            out.append(f"  failed item {index}: {cause}")
+        if len(summary.failed) > 20:
+            out.append(f"  ... and {len(summary.failed) - 20} more: "
+                       + ", ".join(str(i) for i in list(summary.failed)[20:]))
+        if verbose:
+            for key, value in summary.engine_stats.items():
+                out.append(f"  {key}: {value}")
+    out.append(f"predictions: {summary.prediction_file}")
+    out.append(f"run report: {summary.report_file}")
+    judge = summary.judge or {}
+    if judge.get("base_url") or judge.get("calls") is not None:
+        rate = f", {judge['calls_per_s']:.1f} calls/s" if judge.get("calls_per_s") else ""
+        out.append(f"judge {judge.get('model')}: {judge.get('calls')} calls, {judge.get('failures')} failed"
+                   f"{rate}, {judge.get('time_s', 0):.1f}s" + (f" (server start {judge['server_start_s']:.1f}s)"
+                                                              if judge.get("server_start_s") else ""))
+    if summary.score is not None:
+        out.append("score:")
+        out.append(summary.score.to_string(index=False) if hasattr(summary.score, "to_string")
+                   else str(summary.score))
+    if verbose and summary.phases_s:
+        out.append("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary.phases_s.items()))
+    out.append(f"wall time {summary.wall_s:.1f}s")
+    return out
+
+
 # -- the suite ---------------------------------------------------------------------------------------
 
 def summary_rows(summaries: list[RunSummary]) -> list[dict]:

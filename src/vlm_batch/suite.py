@@ -38,6 +38,20 @@ class SuiteResult:
         return [m for m in self.models if m.get("error")]
 
 
+def run(settings, *, started: float | None = None, progress: bool = False) -> SuiteResult:
+    """The suite the settings name: its plan built, every name and each model's engine checked before
+    anything loads (a PlanError or DatasetError says what is wrong), then run; a progress bar if asked."""
+    from .plan import build
+    from .progress import SuiteProgress
+
+    bar = SuiteProgress() if progress else None
+    try:
+        return run_suite(build(settings), settings, started=started, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def run_suite(plan: Plan, settings, *, started: float | None = None, progress=None,
               placement=None) -> SuiteResult:
     """Every model over every dataset. `started`: when the run began (the process start, for the CLI).
