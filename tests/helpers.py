@@ -79,8 +79,9 @@ class Trace:
 pm.register(Trace(), name="trace")
 from vlm_batch_testing import faults
 faults.install()
-from vlm_batch.cli import cli
-cli(sys.argv[1:])
+from vlm_batch.cli import main
+sys.argv[0] = "vlm-batch"
+main()   # as the console script runs: its signal handling, its exit status
 '''
 
 

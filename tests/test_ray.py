@@ -1,6 +1,7 @@
 """Ray Data: replicas on a local Ray cluster give the single-process answers, even when one is killed."""
 
 import os
+from pathlib import Path
 import signal
 import threading
 import time
@@ -133,3 +134,27 @@ def test_a_killed_replica_still_ends_with_every_item_answered_once(ray_cluster, 
     pd.testing.assert_frame_equal(data, pd.read_excel(single.prediction_file))
     assert (summary.generated, summary.failed) == (N, {})
     assert sum(summary.engine_stats["ray"]["answered_by"].values()) == N
+
+
+@pytest.mark.engine
+def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path, tiny_card, lmudata):
+    """`kill -9` of a `--ray` run that started its own local cluster: the cluster's processes (GCS,
+    raylet, workers, the replicas' engines) and our own go with it."""
+    pytest.importorskip("ray.data")
+    from test_ending import Family
+
+    from helpers import Run, shape_rows, wait_for, write_dataset
+
+    name = write_dataset(lmudata, "RayKilled", shape_rows(1500, seed=34))
+    work = tmp_path / "out"
+    jpath = journal_path(str(work), tiny_card.name, name)
+    proc = Run(["--dataset", name, "--engine", "hf", "--ray", "--replicas", "1", "--mode", "infer",
+                "--work-dir", str(work)], tmp_path / "trace")
+    family = Family(proc.pid)
+    wait_for(lambda: Path(jpath).exists() and len(journal.read(jpath)[1]) >= 16, proc, timeout=600)
+    family.snapshot()
+    assert family.any("raylet") and family.any("Replica"), list(family.seen.values())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    left = family.left_running()
+    assert not left, left

@@ -173,7 +173,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_card, lmudata):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "Interrupted: every finished item is saved" in err
+    assert "Interrupted by SIGINT: every finished item is saved" in err
     saved = _finished(jpath)
     assert len(saved) >= 20 and Path(jpath).read_bytes().endswith(b"\n")   # closed between records
     again = Run(args, tmp_path / "trace1")

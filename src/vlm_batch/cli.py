@@ -143,14 +143,18 @@ def eval_command(**flags):
     from .state import Locked
     from .suite import run
     from .vlmeval import DatasetError
+    from .writes import WriteError
 
     try:
         result = run(settings, started=_STARTED.get("at"), progress=interactive())
-    except (DatasetError, EngineError, PluginError, RankError, Locked, PlanError) as exc:
+    except (DatasetError, EngineError, PluginError, RankError, Locked, PlanError, WriteError) as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        click.echo("\nInterrupted: every finished item is saved; rerun the same command to resume.", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        from .ending import exit_code, signal_of
+
+        click.echo(f"\nInterrupted by {signal_of(exc).name}: every finished item is saved; rerun the same command "
+                   "to resume.", err=True)
+        sys.exit(exit_code(exc))
     _print(result, settings)
     status = exit_status(result, settings.strict)
     if status:
@@ -296,9 +300,11 @@ def main():
     Every file is written and synced before a command returns, and engines and servers are closed;
     what is left is garbage collection of the heavy libraries, seconds of it, which nothing needs.
     """
+    from .ending import exit_code, stop_on_signals
     from .timeline import process_start
 
     _STARTED["at"] = process_start()
+    stop_on_signals()
     code = 0
     try:
         cli(standalone_mode=False)
@@ -306,14 +312,14 @@ def main():
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:   # click's word for Ctrl-C (and our Stopped) outside `eval`
         click.echo("Aborted!", err=True)
-        code = 1
+        code = exit_code(exc.__cause__) if isinstance(exc.__cause__, KeyboardInterrupt) else 1
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt as exc:
+        code = exit_code(exc)
     finally:
         logging.shutdown()
         sys.stdout.flush()

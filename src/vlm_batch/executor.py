@@ -24,7 +24,9 @@ from .progress import brief
 from .report import RunSummary
 from .request import Result
 from .timeline import Timeline
+from .vlmeval.datasets import needs_download
 from .vlmeval.files import prediction_file
+from .writes import WriteError, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ class Executor:
             return [done[n] for n in names]
         locks = state.Locks()
         self.engine_times = {}
+        runs: list = []
         try:
+            check_writable(state.state_dir(s.work_dir, card.name))   # before any engine starts
             if s.mode == "eval":
                 runs = self.placement.first("datasets", lambda: [self._plan(card, n) for n in left])
                 timeline.mark("dataset_load")
@@ -59,14 +63,22 @@ class Executor:
             else:   # before any engine starts: a second run of the same refuses at once
                 self.placement.on_writer("locks", lambda: [locks.take(state.RunLock(s.work_dir, card.name, n),
                                                                       s.wait) for n in left])
+                for name in [n for n in left if needs_download(n)]:   # a download fails before an engine starts
+                    self.placement.first(f"download {name}", lambda name=name: self.datasets(name))
                 with self._finisher(card, locks) as finisher:
                     with self._engine(spec, options) as start:
                         timeline.mark("engine_start")   # its library's imports and its process's spawn, here
-                        runs = self.placement.first("datasets", lambda: [self._plan(card, n) for n in left])
+                        runs[:] = self.placement.first("datasets", lambda: [self._plan(card, n) for n in left])
                         timeline.mark("dataset_load")
                         self._generate(card, runs, start, timeline, finisher)
                     timeline.mark("shutdown")
                     finisher.wait(timeline)
+        except WriteError as exc:
+            if not runs:   # before any engine started: nothing of this run to keep
+                raise
+            saved, total = sum(len(r.results) for r in runs), sum(len(r.positions) for r in runs)
+            raise WriteError(f"{exc}; {saved} of {total} items are answered and saved, rerun the same "
+                             "command to resume") from exc
         finally:
             locks.release_all()
         done.update({r.name: r.summary for r in runs})

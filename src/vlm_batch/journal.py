@@ -8,6 +8,7 @@ small group, so a machine crash loses at most that group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import zlib
 from pathlib import Path
 
 from .request import item_key as key   # the journal's spelling of an index
+from .writes import WriteError, writing
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +56,12 @@ def read(path) -> tuple[dict | None, dict]:
 class Journal:
     def __init__(self, path, header: dict):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair()
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        self.fh = open(self.path, "ab")
+        self.failed = False    # a write failed: what is on disk ends at the last whole record, or is torn
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._repair()
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
+            self.fh = open(self.path, "ab")
         self.unsynced, self.synced_at = 0, time.monotonic()
         if fresh:
             self._write(_line({"journal": FORMAT, **header}))
@@ -74,8 +78,18 @@ class Journal:
                 fh.truncate(end)
 
     def _write(self, data: bytes) -> None:
-        self.fh.write(data)
-        self.fh.flush()
+        with self._failing():
+            self.fh.write(data)
+            self.fh.flush()
+
+    @contextlib.contextmanager
+    def _failing(self):
+        try:
+            with writing(self.path):
+                yield
+        except WriteError:
+            self.failed = True
+            raise
 
     def append(self, result) -> None:
         record = {"index": key(result.index), "prediction": result.prediction}
@@ -89,10 +103,16 @@ class Journal:
             self.sync()
 
     def sync(self) -> None:
-        os.fsync(self.fh.fileno())
+        with self._failing():
+            os.fsync(self.fh.fileno())
         self.unsynced, self.synced_at = 0, time.monotonic()
 
     def close(self) -> None:
-        if not self.fh.closed:
-            self.sync()
-            self.fh.close()
+        if self.fh.closed:
+            return
+        if self.failed:   # its error is already on its way; a torn last record is cut on the next open
+            with contextlib.suppress(OSError):
+                self.fh.close()
+            return
+        self.sync()
+        self.fh.close()

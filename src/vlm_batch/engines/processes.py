@@ -1,15 +1,44 @@
 """The processes beside ours: vLLM's engine process, forked from a forkserver that imported torch and
-vLLM beside this process's own import, and the cores each process takes."""
+vLLM beside this process's own import; the cores each process takes; and how each of them ends when
+the process that started it ends, however it ends (`kill -9` included)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from contextlib import contextmanager
 from multiprocessing import context as mp_context
 
 from .environment import gpus_visible
 
 CHILD_IMPORTS = ["vlm_batch.engines.vllm_child"]
+WATCH_S = 0.5            # how often a process we start checks that its parent is still there
+_started: list = []      # the engine processes our contexts started, oldest first
+
+
+def die_with_parent() -> None:
+    """End this process (SIGKILL: vLLM's engine core ignores SIGTERM) within WATCH_S of its parent's
+    end. A thread notices this process handed to another parent; unlike the parent-death signal, that
+    works whichever thread of the parent started it."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(WATCH_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="vlm-batch-parent-watch", daemon=True).start()
+
+
+def started_since(mark: int) -> list:
+    """Engine processes started since `len(_started)` was `mark`."""
+    return _started[mark:]
+
+
+def mark() -> int:
+    return len(_started)
 
 
 def start_forkserver() -> None:
@@ -32,15 +61,17 @@ def start_forkserver() -> None:
         forkserver.ensure_running()
 
 
-
 class _Carried(mp_context.ForkServerProcess):
-    """A forkserver process that takes this process's environment of the moment with it."""
+    """A forkserver process that takes this process's environment of the moment with it, and ends
+    with the forkserver (which ends with us: see `vllm_child`)."""
 
     def start(self):
         self._environ = dict(os.environ)
+        _started.append(self)
         super().start()
 
     def run(self):
+        die_with_parent()
         try:   # before the environment changes: setproctitle finds argv's memory through it once
             import setproctitle
 
@@ -52,13 +83,30 @@ class _Carried(mp_context.ForkServerProcess):
         super().run()
 
 
+class _Watched(mp_context.SpawnProcess):
+    """A spawned process (VLM_BATCH_SPAWN=1) that ends with this one."""
+
+    def start(self):
+        _started.append(self)
+        super().start()
+
+    def run(self):
+        die_with_parent()
+        super().run()
+
+
 class _CarriedContext(mp_context.ForkServerContext):
     Process = _Carried
 
 
-def _carried_context():
-    """vLLM's process context for its engine process: forked from our forkserver, when it runs."""
-    return _CarriedContext() if _forkserver_running() else None
+class _WatchedContext(mp_context.SpawnContext):
+    Process = _Watched
+
+
+def _engine_context():
+    """vLLM's process context for its engine process: forked from our forkserver when it runs,
+    spawned otherwise; either way the process ends when we do."""
+    return _CarriedContext() if _forkserver_running() else _WatchedContext()
 
 
 def _forkserver_running() -> bool:
@@ -69,14 +117,11 @@ def _forkserver_running() -> bool:
 
 
 @contextmanager
-def engine_process_from_forkserver():
-    """vLLM's engine process, forked from the forkserver instead of spawned (see `start_forkserver`)."""
+def engine_process_context():
+    """vLLM's engine process, started by our context (see `_engine_context`) instead of vLLM's own."""
     import vllm.v1.engine.utils as engine_utils
 
-    ctx = _carried_context()
-    if ctx is None:
-        yield
-        return
+    ctx = _engine_context()
     real = engine_utils.get_mp_context
     engine_utils.get_mp_context = lambda: ctx
     try:

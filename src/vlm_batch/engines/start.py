@@ -9,7 +9,7 @@ import multiprocessing
 import threading
 import time
 
-from . import EngineError, load, preload
+from . import EngineError, load, preload, processes
 
 log = logging.getLogger(__name__)
 SPAWN_WAIT_S = 30   # how long to wait for an engine's process to appear before going on
@@ -31,6 +31,7 @@ class EngineStart:
         self.engine, self.error, self.ready_at, self.closed_at = None, None, None, None
         self._abandoned = False
         self._load = load_engine or load
+        self._mark = processes.mark()
         try:
             spawns = preload(self.name, options.get("verbose", False))
         except Exception:   # the start itself will fail, and say why
@@ -107,8 +108,11 @@ class EngineStart:
     def close(self) -> None:
         if not self.owned:
             return
-        if not self.ready():   # interrupted while starting: close it as soon as it is up
+        if not self.ready():   # interrupted while starting: its process goes now, the rest once it is up
             self._abandoned = True
+            for proc in processes.started_since(self._mark):
+                if proc.is_alive():
+                    proc.kill()
             return
         engine, self.engine = self.engine, None
         if engine is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..request import Result
 from . import EngineError, on_gpu, token_ids
 from . import environment
-from .processes import engine_process_from_forkserver, engine_threads, one_engine_process, start_forkserver
+from .processes import engine_process_context, engine_threads, one_engine_process, start_forkserver
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class VLLMEngine:
         self.args = {k: v for k, v in args.items() if k not in ("model", "distributed_executor_backend")}
         args.setdefault("use_tqdm_on_load", verbose)   # its weight-loading bar ignores TQDM_DISABLE
         try:
-            with engine_threads(cpu), engine_process_from_forkserver():
+            with engine_threads(cpu), engine_process_context():
                 self.llm = LLM(**args)
         except Exception as exc:
             raise EngineError(f"vLLM could not start {card.name}: {type(exc).__name__}: {exc}") from exc

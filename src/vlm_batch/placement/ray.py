@@ -75,6 +75,10 @@ def connect(address: str | None, verbose: bool = False):
     except ImportError as exc:
         raise RayRunError("--ray needs Ray Data: pip install 'vlm-batch[ray]'") from exc
     if not ray.is_initialized():
+        if address is None:   # a cluster of our own: its processes go when we do, however we go
+            from ..engines.reaper import start_for_this_process
+
+            start_for_this_process()
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         try:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import contextlib
+import logging
+import os
 import warnings
 
 from ..demo import sample_data
@@ -132,6 +135,12 @@ def check_dataset(name: str, kind: str | None = None) -> None:
         raise UnknownDataset(unknown_datasets_message([name]))
 
 
+def needs_download(name: str) -> bool:
+    """Whether loading `name` fetches its TSV (one of VLMEvalKit's datasets with no copy in `$LMUData`):
+    a step that can fail, best taken before any engine starts."""
+    return not sample_data.is_sample(name) and not (lmudata_root() / f"{name}.tsv").exists()
+
+
 def register(name: str, kind: str) -> None:
     """Make the local TSV `name` one of VLMEvalKit's datasets of that kind's class: its prompt
     building, the models' custom prompts (they ask VLMEvalKit the dataset's type) and its scoring."""
@@ -143,6 +152,26 @@ def register(name: str, kind: str) -> None:
             raise DatasetError(f"'{name}' is VLMEvalKit's own {other.__name__} dataset; --kind and `class` "
                                "are for local TSVs of other names")
     cls.DATASET_URL.setdefault(name, "")
+
+
+@contextlib.contextmanager
+def _held(said: list):
+    """What VLMEvalKit logs on the root logger while it loads (a download's cause, say) goes into `said`
+    instead of the terminal: the error, if any, carries it, so a failure stays one line."""
+    def hold(record) -> bool:
+        if record.name == "root" and f"{os.sep}vlmeval{os.sep}" in record.pathname:
+            said.append(record.getMessage())
+            return False
+        return True
+
+    handlers = list(logging.root.handlers)
+    for handler in handlers:
+        handler.addFilter(hold)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
 
 
 def load_dataset(name: str, limit: int | None = None, kind: str | None = None):
@@ -159,12 +188,14 @@ def load_dataset(name: str, limit: int | None = None, kind: str | None = None):
 
     tsv = lmudata_root() / f"{name}.tsv"
     bad: dict = {}
+    said: list = []
     try:
-        with warnings.catch_warnings(), rows_set_aside(bad):
+        with warnings.catch_warnings(), rows_set_aside(bad), _held(said):
             warnings.simplefilter("ignore")
             dataset = build_dataset(name)
     except Exception as exc:
-        raise DatasetError(f"Could not load dataset '{name}': {type(exc).__name__}: {exc}") from exc
+        why = f" ({said[-1]})" if said else ""
+        raise DatasetError(f"Could not load dataset '{name}': {type(exc).__name__}: {exc}{why}") from exc
     if dataset is None:
         raise DatasetError(f"Could not load dataset '{name}' from {tsv}: VLMEvalKit rejected the file "
                            "(it needs at least a `question` column)")

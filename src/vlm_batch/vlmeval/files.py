@@ -8,6 +8,7 @@ import os.path as osp
 
 from . import DatasetError
 from ..request import item_key as key
+from ..writes import writing
 
 MAX_WORLD_SIZE = 64
 
@@ -36,11 +37,12 @@ def write_rank_file(dataset, positions, predictions: dict, path: str) -> str:
 
     rows = dataset.data.iloc[list(positions)]
     answers = {index: str(predictions[key(index)]) for index in rows["index"]}
-    os.makedirs(osp.dirname(path), exist_ok=True)
     tmp = path + ".partial"
-    with open(tmp, "wb") as fh:
-        pickle.dump(answers, fh)
-    os.replace(tmp, path)
+    with writing(path, partial=tmp):
+        os.makedirs(osp.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as fh:
+            pickle.dump(answers, fh)
+        os.replace(tmp, path)
     return path
 
 
@@ -113,13 +115,14 @@ def write_predictions(dataset, predictions: dict, path: str) -> bool:
     changed = _predictions_differ(path, data)
     if not changed:   # e.g. a rerun that resumed every answer from this file: leave it as it is
         return False
-    os.makedirs(osp.dirname(path), exist_ok=True)
     stem, suffix = osp.splitext(path)
     tmp = f"{stem}.partial{suffix}"   # same format, then an atomic rename: never half a file
-    dump(data, tmp)
-    with open(tmp, "rb") as fh:       # on disk before we go on: the process may exit without cleanup
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with writing(path, partial=tmp):
+        os.makedirs(osp.dirname(path), exist_ok=True)
+        dump(data, tmp)
+        with open(tmp, "rb") as fh:       # on disk before we go on: the process may exit without cleanup
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     drop_scoring_files(path)
     return True
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 STALL_JOURNAL = "VLM_BATCH_TEST_STALL_JOURNAL"   # stall inside the Nth record a journal writes
+FULL_DISK = "VLM_BATCH_TEST_FULL_DISK"           # journals hit "No space left on device" after N bytes
 
 
 def stall_journal(at: int) -> None:
@@ -29,7 +30,38 @@ def stall_journal(at: int) -> None:
     Journal._write = stalling
 
 
+def full_disk(limit: int) -> None:
+    """Journals' files fail as a full disk does once `limit` bytes are written to them (for machines
+    where a test cannot mount a small filesystem)."""
+    import errno
+
+    from vlm_batch.journal import Journal
+
+    opened, written = Journal.__init__, {"bytes": 0}
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data: bytes) -> int:
+            written["bytes"] += len(data)
+            if written["bytes"] > limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def init(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        self.fh = Full(self.fh)
+
+    Journal.__init__ = init
+
+
 def install() -> None:
     """Arm the faults this process's environment names."""
     if os.environ.get(STALL_JOURNAL):
         stall_journal(int(os.environ[STALL_JOURNAL]))
+    if os.environ.get(FULL_DISK):
+        full_disk(int(os.environ[FULL_DISK]))

@@ -35,11 +35,12 @@ END = "<|im_end|>"
 def _requests(name: str, rows: list[dict], kind: str | None):
     """The rows as the evaluation asks them: VLMEvalKit's prompt for that kind, the plugin's prepare."""
     from vlm_batch.demo import sample_data
+    from vlm_batch.vlmeval import lmudata_root
     from vlm_batch.vlmeval.datasets import load_dataset
     from vlm_batch.prepare import build_requests
     from vlm_batch.plugins import get_model
 
-    sample_data.write_tsv(sample_data.lmudata_root() / f"{name}.tsv", rows)
+    sample_data.write_tsv(lmudata_root() / f"{name}.tsv", rows)
     failures: list = []
     requests = list(build_requests(get_model("tiny-qwen2-vl"), load_dataset(name, kind=kind),
                                    failures))
