@@ -13,7 +13,7 @@ from vlm_batch.cli import cli
 
 FAMILIES = {   # entry point -> (names it serves, engines shown by `vlm-batch models`)
     "qwen2_vl": (["Qwen2-VL-2B-Instruct", "Qwen2-VL-7B-Instruct", "Qwen2-VL-72B-Instruct"], "vllm, hf"),
-    "molmo": (["molmoE-1B-0924", "molmo-7B-D-0924", "molmo-7B-O-0924", "molmo-72B-0924"], "vllm, hf"),
+    "molmo": (["molmoE-1B-0924", "molmo-7B-D-0924", "molmo-7B-O-0924", "molmo-72B-0924", "tiny-molmo"], "vllm, hf"),
     "llama4": (["Llama-4-Scout-17B-16E-Instruct", "tiny-llama4"], "vllm, hf"),
     "gemma3": (["Gemma3-4B", "Gemma3-12B", "Gemma3-27B", "tiny-gemma3"], "vllm, hf"),
     "minicpm_v": (["MiniCPM-V-4_6", "tiny-minicpm-v"], "vllm, hf"),

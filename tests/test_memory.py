@@ -179,10 +179,11 @@ def test_minicpm_v_in_bfloat16(tmp_path, image_dir, monkeypatch):
 
 
 def test_molmo_text_layers_on_a_stand_in(tmp_path, monkeypatch):
-    """Molmo cannot be built here (its model class is remote code, and so is vLLM's processor for it).
-    What can be checked is what its estimate reads from Molmo's config.json (the keys of its
-    MolmoConfig, its AutoConfig remote): every layer full attention with its KV heads, against a
-    transformers Qwen2 (Molmo-7B-D's language model) of those sizes. Its crop count is not checked."""
+    """What Molmo's estimate reads from a hub checkpoint's config.json (the keys of AI2's MolmoConfig,
+    read without its remote code): every layer full attention with its KV heads, against a transformers
+    Qwen2 (Molmo-7B-D's language model) of those sizes. The tiny Molmo's whole estimate, image tokens
+    included, is checked against the KV cache vLLM allocates in test_family_molmo.py (its images cost
+    seconds each here, so it shares that module's engine)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

@@ -20,6 +20,7 @@ def _card(name: str, family: str, plugin: str, module: str, **kw) -> ModelCard:
 @hookimpl
 def vlm_batch_models():
     from vlm_batch_gemma3 import SYSTEM
+    from vlm_batch_molmo import HF_CLASS as MOLMO_CLASS
 
     small = {"max_model_len": 1024}
     return [
@@ -35,4 +36,10 @@ def vlm_batch_models():
               max_new_tokens=12, hf_class="MiniCPMV4_6ForConditionalGeneration", options={"max_images": 4},
               vllm_args={"max_model_len": 2048, "limit_mm_per_prompt": {"image": 4}},
               vllm_cpu_args={"dtype": "bfloat16"}),
+        # vLLM's Molmo builds the full-size 300M vision tower whatever the config says: seconds a crop
+        # here, so one crop (plus the global view) an image.
+        _card("tiny-molmo", "molmo", "molmo", "molmo", arch="Molmo (tiny language model, full-size vision tower)",
+              vlmeval_name="molmo-7B-D-0924", max_new_tokens=12, hf_class=MOLMO_CLASS,
+              trust_remote_code=True, options={"max_crops": 1},
+              vllm_args={"max_model_len": 1024, "limit_mm_per_prompt": {"image": 1}}),
     ]

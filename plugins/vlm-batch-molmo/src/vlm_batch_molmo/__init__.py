@@ -1,23 +1,13 @@
 """Molmo for vlm-batch: names, prompt format, image limit, engine arguments, image tokens, post-processing.
 
-VLMEvalKit runs Molmo only through transformers, one item at a time: the message's texts joined by
-newlines, its first image (BLINK: all images side by side), Molmo's processor in its "role" format
-(" User: {prompt} Assistant:"), up to 36 crops, 200 new tokens, the answer stripped, and on AI2D a
-bare option text mapped back to its letter. We keep all of that on both engines:
-
-- vLLM (`MolmoForCausalLM`): the prompt text is "User: {prompt} Assistant:"; vLLM's Molmo processor
-  re-tokenizes it with the leading space and the BOS token and inserts the image tokens after the
-  BOS itself, so the text carries no image placeholder (vLLM's own example puts a literal `<image>`
-  and a ChatML wrapper in the text; to Molmo both are plain words, so we send what Molmo's own
-  processor, and so VLMEvalKit, gives it instead).
-- transformers: the checkpoint's own processor (`process`) and `generate_from_batch`, batched by the
-  core's collector; the model class ships with the checkpoint, so nothing runs without
-  `--trust-remote-code`.
+As VLMEvalKit's `molmo`: the message's texts joined by newlines, its first image (BLINK: all side by
+side), the "role" format, up to 36 crops, 200 new tokens, the answer stripped, and on AI2D a bare option
+text mapped to its letter. vLLM's Molmo processor re-tokenizes "User: {prompt} Assistant:" with the
+leading space and BOS and puts the image tokens after the BOS itself, so the text has no placeholder.
+On transformers: the checkpoint's own `process` and `generate_from_batch` (remote code, opt-in).
 """
 
 from __future__ import annotations
-
-import math
 
 from vlm_batch import ModelCard, Request, hookimpl
 from vlm_batch.generation import generate
@@ -26,6 +16,7 @@ FAMILY = "molmo"
 MAX_CROPS = 36            # VLMEvalKit's default max_crops
 MAX_NEW_TOKENS = 200      # VLMEvalKit's GenerationConfig(max_new_tokens=200, stop_strings="<|endoftext|>")
 STOP = "<|endoftext|>"
+HF_CLASS = "AutoModelForCausalLM"   # the checkpoint's own class, through its auto_map
 AI2D = ("AI2D_TEST", "AI2D_TEST_NO_MASK")
 # Molmo's image processor: 336-px crops of 14-px patches, 4-patch overlap margins, 2x2 pooling.
 CROP, PATCH, MARGIN, POOL, BASE_TOKENS = 336, 14, 4, 2, 12
@@ -43,9 +34,8 @@ def letter_for(prompt_text: str, answer: str) -> str:
 
 
 def _card(name, path, **kw):
-    return ModelCard(name=name, family=FAMILY, checkpoint=path, trust_remote_code=True,
-                     hf_class="AutoModelForCausalLM", max_new_tokens=MAX_NEW_TOKENS,
-                     options={"max_crops": MAX_CROPS}, **kw)
+    return ModelCard(name=name, family=FAMILY, checkpoint=path, trust_remote_code=True, hf_class=HF_CLASS,
+                     max_new_tokens=MAX_NEW_TOKENS, options={"max_crops": MAX_CROPS}, **kw)
 
 
 @hookimpl
@@ -60,16 +50,14 @@ def vlm_batch_models():
 
 
 def _picture(message, dataset):
-    from vlm_batch.images import open_rgb
-
+    """The first image; on BLINK, as VLMEvalKit, all of them side by side, 512 px high."""
     parts = [p for p in message if p["type"] == "image"]
-    if not parts:
-        return []
-    if dataset == "BLINK" and len(parts) > 1:   # as VLMEvalKit: the images side by side, 512 px high
+    if dataset == "BLINK" and len(parts) > 1:
+        from vlm_batch.images import open_rgb
         from vlm_batch.vlmeval.prompts import side_by_side
 
         return [open_rgb(side_by_side([p["value"] for p in parts], height=512))]
-    return [parts[0]["image"]]
+    return [p["image"] for p in parts[:1]]
 
 
 @hookimpl
@@ -90,12 +78,12 @@ def clean(request, text: str) -> str:
 
 @hookimpl
 def vlm_batch_generate(card, engine, requests):
-    # On transformers the checkpoint's own processor and generate_from_batch (stopping at STOP).
     return generate(engine, requests, stop_tokens=(STOP,), hf_batch=_hf_batch, clean=clean)
 
 
 def _hf_batch(engine, requests):
-    """One batch through the checkpoint's `process` and `generate_from_batch`, padded as Molmo pads (-1)."""
+    """One batch through the checkpoint's `process` and `generate_from_batch`, padded as Molmo pads (-1).
+    Every item has the keys of the first: the core batches requests of one image count together."""
     import torch
     from transformers import GenerationConfig
 
@@ -103,19 +91,15 @@ def _hf_batch(engine, requests):
                                       images_kwargs={"max_crops": r.mm_kwargs.get("max_crops", MAX_CROPS)},
                                       text_kwargs={"message_format": "none", "always_start_with_space": True})
              for r in requests]
-    batch = {}
-    for key in items[0]:
-        tensors = [item[key] for item in items]
-        size = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-        out = torch.full((len(tensors), *size), -1, dtype=tensors[0].dtype)
-        for i, t in enumerate(tensors):
-            out[(i, *(slice(0, s) for s in t.shape))] = t
-        batch[key] = out.to(engine.device)
-    budget = max(r.max_new_tokens for r in requests)
+    batch = {key: torch.full((len(items), *map(max, zip(*(i[key].shape for i in items)))), -1,
+                             dtype=items[0][key].dtype, device=engine.device) for key in items[0]}
+    for row, item in enumerate(items):
+        for key, t in item.items():
+            batch[key][(row, *(slice(0, n) for n in t.shape))] = t
+    config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), stop_strings=STOP,
+                              **engine.card.generation)
     with torch.inference_mode():
-        output = engine.model.generate_from_batch(
-            batch, GenerationConfig(max_new_tokens=budget, stop_strings=STOP),
-            tokenizer=engine.processor.tokenizer)
+        output = engine.model.generate_from_batch(batch, config, tokenizer=engine.processor.tokenizer)
     width = batch["input_ids"].shape[1]
     return [engine.finish(request, row, len(item["input_ids"]))
             for request, item, row in zip(requests, items, output[:, width:].tolist())]
@@ -129,12 +113,18 @@ def vlm_batch_estimate_memory(card, request):
 
 
 def image_tokens(card, width, height) -> int:
-    # As Molmo's processor (and vLLM's count of it): a global 12x12 view with column markers, plus
-    # the crops' pooled patches; crops tile the image in 224-px windows, at most max_crops of them.
-    inner = CROP // PATCH - 2 * MARGIN                      # patches a crop adds beyond its margins
-    cols = math.ceil(max(width - 2 * MARGIN * PATCH, 1) / (inner * PATCH))
-    rows = math.ceil(max(height - 2 * MARGIN * PATCH, 1) / (inner * PATCH))
-    while cols * rows > card.options["max_crops"]:
-        cols, rows = (cols - 1, rows) if cols >= rows else (cols, rows - 1)
-    ncols, nrows = cols * inner + 2 * MARGIN, rows * inner + 2 * MARGIN
-    return 2 + (BASE_TOKENS + 1) * BASE_TOKENS + 2 + ((ncols + 1) // POOL + 1) * ((nrows + 1) // POOL)
+    """As Molmo's processor and vLLM count them: a global 12x12 view, then the crops' pooled patches, each
+    row ending in a column token. The crop grid is Molmo's `select_tiling` (of the grids of 224-px windows,
+    the one that enlarges the image least, else shrinks it least), in float32 as vLLM ties it."""
+    import numpy as np
+
+    n, window, margins = card.options["max_crops"], (CROP // PATCH - 2 * MARGIN) * PATCH, 2 * MARGIN * PATCH
+    grids = np.array(sorted(((r, c) for r in range(1, n + 1) for c in range(1, n + 1) if r * c <= n),
+                            key=lambda g: g[0] * g[1]), dtype=np.int32)
+    with np.errstate(divide="ignore"):     # an image of 112 px: a zero size, as vLLM divides by it too
+        scale = ((grids * window).astype(np.float32)
+                 / np.array([height - margins, width - margins], np.float32)).min(-1)
+    pick = scale.argmax() if (scale < 1).all() else np.where(scale < 1, 1e10, scale).argmin()
+    rows, cols = (int(x) for x in grids[pick])
+    inner, edge = window // PATCH // POOL, margins // PATCH // POOL      # pooled: 8 a crop, 4 the margins
+    return 2 + (BASE_TOKENS + 1) * BASE_TOKENS + 2 + (cols * inner + edge + 1) * (rows * inner + edge)
