@@ -98,6 +98,27 @@ def test_vllm_stream_equals_one_at_a_time_and_window_never_empties(vllm_engine, 
     assert stats.max_in_flight == 8
 
 
+def test_text_only_requests_on_both_engines(hf_engine, vllm_engine, tiny_card, requests):
+    """A message without an image (datasets whose VLMEvalKit class keeps such rows, as HiPhO's does)
+    becomes a text-only request, which both engines answer, alone and beside image requests."""
+    from vlm_batch.prepare import prepare
+
+    questions = ["Is the sky blue? Please answer yes or no.", "What colour is grass?",
+                 "Which shape has three sides?\nA. circle\nB. triangle", "Name a shape."]
+    text_only = [prepare(tiny_card, 9000 + i, [{"type": "text", "value": q}], "HiPhO")
+                 for i, q in enumerate(questions)]
+    assert all(not r.images and "<|image_pad|>" not in r.prompt for r in text_only)
+    mixed = requests[:6] + text_only
+    answers = {}
+    for engine in (hf_engine, vllm_engine):
+        results = {r.index: r for r in engine.generate(mixed)}
+        assert all(r.ok for r in results.values()), [r.error for r in results.values() if not r.ok]
+        alone = {r.index: next(iter(engine.generate([r]))).text for r in text_only}
+        assert {i: results[i].text for i in alone} == alone
+        answers[engine.name] = alone
+    assert answers["hf"] == answers["vllm"]
+
+
 def test_bench_reports_modes_ratios_and_agreement(tmp_path):
     from PIL import Image
 

@@ -75,3 +75,32 @@ def test_core_names_no_model_family():
     hits = [f"{path.name}:{n}" for path in core.rglob("*.py")
             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+def test_every_family_prepares_a_text_only_request(tmp_path):
+    """A message without an image (a row the dataset's VLMEvalKit class keeps as a text-only question)
+    becomes a request with no image, its prompt the image prompt without the image's slot."""
+    from difflib import SequenceMatcher
+
+    from PIL import Image
+
+    from vlm_batch.plugins import get_models, hooks
+    from vlm_batch.prepare import decode_images
+
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (112, 112), (200, 10, 10)).save(picture)
+    question = {"type": "text", "value": "Is the sky blue? Please answer yes or no."}
+    cards = {}
+    for card in get_models().values():   # one card a family, its tiny one where there is one
+        if card.plugin in FAMILIES or card.plugin == "omnilmm":
+            if card.plugin not in cards or card.name.startswith("tiny-"):
+                cards[card.plugin] = card
+    assert set(cards) == {*FAMILIES, "omnilmm"}
+    for plugin, card in cards.items():
+        family = hooks(card)
+        text = family.prepare(decode_images([question]), "HiPhO")
+        with_image = family.prepare(decode_images([{"type": "image", "value": str(picture)}, question]), "HiPhO")
+        assert text.images == [] and len(with_image.images) == 1, plugin
+        assert question["value"] in text.prompt, plugin
+        steps = SequenceMatcher(None, text.prompt, with_image.prompt, autojunk=False).get_opcodes()
+        assert all(tag in ("equal", "insert") for tag, *_ in steps), (plugin, text.prompt, with_image.prompt)

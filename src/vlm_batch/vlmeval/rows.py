@@ -26,22 +26,29 @@ def _placeholder() -> str:
     return _PLACEHOLDER
 
 
-def bad_image_fields(data) -> dict:
+def bad_image_fields(data, skip_noimg: bool = True) -> dict:
     """Rows whose image field VLMEvalKit's loader would reject for the whole file, with the cause.
 
-    An image field of 64 characters or fewer is, to VLMEvalKit, the index of another row whose image
-    it shares (it asserts, with no message, that the row exists); a field in brackets is a list it
-    reads with `eval`, which must not run code from a data file; an empty field drops the row.
+    A row with no image (an empty field, NaN to pandas) is not one while `skip_noimg` is on
+    (`ImageBaseDataset`'s default): VLMEvalKit drops it, and so do we. With it off the row stays, and
+    the loader takes its "nan" for the index of another row (below). An image field of 64 characters
+    or fewer is, to VLMEvalKit, the index of another row whose image it shares (it asserts, with no
+    message, that the row exists and has an image); a field in brackets is a list it reads with
+    `eval`, which must not run code from a data file.
     """
     import ast
 
     import pandas as pd
 
+    def missing(value):
+        return value is None or (not isinstance(value, (str, list)) and bool(pd.isna(value)))
+
     images = {str(i): v for i, v in zip(data["index"], data["image"])}
+    kept = {i: v for i, v in images.items() if not (skip_noimg and missing(v))}   # what VLMEvalKit keeps
     bad = {}
-    for index, value in images.items():
-        text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
-        if not text or text == "nan":
+    for index, value in kept.items():
+        text = "nan" if missing(value) else str(value)   # as VLMEvalKit reads it: str(), unstripped
+        if missing(value) or not text.strip():
             bad[index] = "its image field is empty"
         elif text.startswith("[") and text.endswith("]"):
             try:
@@ -52,8 +59,8 @@ def bad_image_fields(data) -> dict:
             if not ok:
                 bad[index] = "its image field is not a list of base64 images"
         elif len(text) <= 64:
-            target = images.get(text)
-            if target is None or len(str(target).strip()) <= 64:
+            target = kept.get(text)
+            if missing(target) or len(str(target)) <= 64:
                 bad[index] = (f"its image field ({text[:20]!r}) is neither base64 nor the index of a row that "
                               "has an image")
     return bad
@@ -62,16 +69,21 @@ def bad_image_fields(data) -> dict:
 @contextlib.contextmanager
 def rows_set_aside(bad: dict):
     """While VLMEvalKit loads a TSV, rows it would reject for the whole file get a placeholder
-    image; `bad` gets their indices and causes, and those rows fail alone."""
+    image; `bad` gets their indices and causes, and those rows fail alone. Rows without an image
+    are left to the dataset's class: it drops them (`skip_noimg`, on by default) or asks them as
+    text-only questions (classes that turn it off and handle such rows themselves)."""
+    import inspect
+
     from vlmeval.dataset.image_base import ImageBaseDataset
 
     original = ImageBaseDataset.__init__
+    signature = inspect.signature(original)
 
-    def checked(load):
+    def checked(load, skip_noimg):
         def load_data(dataset):
             data = load(dataset)
             if "image" in data and "index" in data:
-                found = bad_image_fields(data)
+                found = bad_image_fields(data, skip_noimg)
                 if found:
                     data = data.copy()
                     data["image"] = [_placeholder() if str(i) in found else v
@@ -81,7 +93,13 @@ def rows_set_aside(bad: dict):
         return load_data
 
     def __init__(self, *args, **kwargs):   # every image dataset class loads its file through here
-        self.load_data = checked(self.load_data)
+        try:
+            call = signature.bind(self, *args, **kwargs)
+            call.apply_defaults()
+            skip_noimg = bool(call.arguments.get("skip_noimg", True))
+        except TypeError:   # VLMEvalKit's own call will say what is wrong
+            skip_noimg = True
+        self.load_data = checked(self.load_data, skip_noimg)
         try:
             original(self, *args, **kwargs)
         finally:
@@ -92,4 +110,3 @@ def rows_set_aside(bad: dict):
         yield bad
     finally:
         ImageBaseDataset.__init__ = original
-

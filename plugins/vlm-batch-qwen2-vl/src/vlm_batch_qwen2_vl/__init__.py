@@ -48,9 +48,12 @@ def vlm_batch_models():
         _card("Qwen2-VL-7B-Instruct", "Qwen/Qwen2-VL-7B-Instruct", **real),
         _card("Qwen2-VL-72B-Instruct", "Qwen/Qwen2-VL-72B-Instruct",
               **{**real, "vllm_args": {**real["vllm_args"], "tensor_parallel_size": 4}}),
+        # Images as VLMEvalKit's Qwen2VLChat passes them on this checkpoint: up to 24 a prompt. At
+        # most 16 tokens each within TINY_PIXELS, 24 fit the 2048-token context; a prompt that does
+        # not fit fails alone, with vLLM's cause (VLMEvalKit's run would stop on it).
         _card("tiny-qwen2-vl", tiny_checkpoint, vlmeval_name="Qwen2-VL-2B-Instruct", demo=True,
               max_new_tokens=16, options=TINY_PIXELS,
-              vllm_args={"max_model_len": 2048, "limit_mm_per_prompt": {"image": 4}},
+              vllm_args={"max_model_len": 2048, "limit_mm_per_prompt": {"image": MAX_IMAGES}},
               description="a 1.3M-parameter Qwen2-VL trained to read the sample set's shapes and colours"),
     ]
 
