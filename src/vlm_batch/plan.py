@@ -128,7 +128,7 @@ def from_names(models: list[str], datasets: list[str], *, engine: str, kind: str
             problems.append("no embedded demo model is installed; pass --model (see `vlm-batch models`) "
                             "or install a model plugin that ships one (see the README)")
         else:
-            models = [demo.name]
+            models, resolved[demo.name] = [demo.name], demo
     specs = [DatasetSpec(d, kind) for d in _unique(datasets)]
     problems += _dataset_problems(specs)
     if problems:
