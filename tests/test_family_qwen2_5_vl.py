@@ -150,3 +150,27 @@ def same_text(answers: dict) -> dict:
     """Answers as both engines' texts can be compared: a random model's answer may end inside a UTF-8
     character, which transformers decodes to U+FFFD and vLLM's incremental detokenizer holds back."""
     return {i: text.rstrip("\ufffd") for i, text in answers.items()}
+
+
+@pytest.mark.engine
+def test_a_users_checkpoint_from_a_config_class_entry_answers_as_the_card(card, vllm_answers, data_name, tmp_path):
+    """VLMEvalKit's `{"class": "Qwen2VLChat", "model_path": ...}` with the tiny card's arguments: the same
+    answers, through the plugin serving the class, on transformers."""
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+    from openpyxl.utils.escape import unescape
+
+    from vlm_batch.cli import cli
+
+    config = tmp_path / "suite.json"
+    config.write_text(json.dumps({"model": {"my-ft": {"class": "Qwen2VLChat", "model_path": card.path(),
+                                                      "max_new_tokens": card.max_new_tokens, **card.options}},
+                                  "data": {data_name: {}}}))
+    result = CliRunner().invoke(cli, ["eval", "--config", str(config), "--engine", "hf", "--limit", "6",
+                                      "--work-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = pd.read_excel(tmp_path / "my-ft" / f"my-ft_{data_name}.xlsx")
+    got = {i: unescape(str(p)) for i, p in zip(data["index"], data["prediction"])}
+    assert same_text(got) == same_text({i: vllm_answers[1][i] for i in got})

@@ -24,9 +24,16 @@ def _resolve_model(name: str | None):
     from .plugins import UnknownModel, get_model, get_models
 
     if name:
+        from .served import ServeError, checkpoint_card, looks_like_checkpoint
+
         try:
             return get_model(name)
         except UnknownModel as exc:
+            if not looks_like_checkpoint(name):
+                _fail(str(exc))
+        try:
+            return checkpoint_card(name)
+        except ServeError as exc:
             _fail(str(exc))
     from .demo import demo_card
 
