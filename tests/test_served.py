@@ -230,3 +230,14 @@ def test_split_think_splits_as_vlmevalkit_does(tmp_path, lmudata, monkeypatch):
     monkeypatch.delenv("SPLIT_THINK")
     write_predictions(dataset, {i: answers[n % 4] for n, i in enumerate(dataset.data["index"])}, str(ours_file))
     assert pd.read_excel(ours_file)["prediction"].tolist()[:2] == answers[:2] and "thinking" not in pd.read_excel(ours_file)
+
+
+def test_a_plugin_serving_only_vlmevalkit_names_is_not_asked_for_other_cards():
+    """qwen3_vl lists no cards of its own (all come from the registry): it must still count as a family
+    plugin, whose prepare answers for its cards only, not as a helper called for every model."""
+    from vlm_batch.plugins import hooks, pm
+
+    for name, owner in (("tiny-qwen2-vl", "qwen2_vl"), ("Qwen2.5-VL-7B-Instruct", "qwen2_vl"),
+                        ("Qwen3-VL-8B-Instruct", "qwen3_vl"), ("tiny-gemma3", "gemma3")):
+        asked = {pm.get_name(i.plugin) for i in hooks(get_models()[name])._prepare.get_hookimpls()}
+        assert owner in asked and not {"qwen2_vl", "qwen3_vl", "gemma3"} - {owner} & asked, (name, asked)

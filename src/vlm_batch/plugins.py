@@ -83,7 +83,8 @@ class CardHooks:
         owner = pm.get_plugin(card.plugin)
         if owner is None:
             raise UnknownModel(f"model '{card.name}' is served by the plugin '{card.plugin}', which is not loaded")
-        serving = {impl.plugin for impl in pm.hook.vlm_batch_models.get_hookimpls()}
+        serving = {impl.plugin for hook in (pm.hook.vlm_batch_models, pm.hook.vlm_batch_vlmeval_card)
+                   for impl in hook.get_hookimpls()}   # a plugin may serve only VLMEvalKit's names
         others = [p for p in serving if p is not owner]
         self.card = card
         self._prepare = pm.subset_hook_caller("vlm_batch_prepare", others)
