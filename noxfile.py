@@ -79,7 +79,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def dist(session: nox.Session) -> None:
-    """Wheels and sdists of the core and the five plugins in dist/ (or the folder given), checked by
+    """Wheels and sdists of the core and every plugin in dist/ (or the folder given), checked by
     `twine check --strict`; a small environment of its own, no model libraries."""
     session.install(*DIST)
     session.run("python", "tools/build_dists.py", *session.posargs)

@@ -179,3 +179,23 @@ def prepare_request(card, message, dataset: str):
     request = hooks(card).prepare(decode_images(message), dataset)
     request.dataset = dataset
     return request
+
+
+class RecordingLLM:
+    """Stands in for VLMEvalKit's `vllm.LLM`: records what its vLLM path asks for, answers "A"."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, sampling_params=None, **kwargs):
+        from types import SimpleNamespace
+
+        self.calls.append((prompts[0] if isinstance(prompts, list) else prompts, sampling_params))
+        return [SimpleNamespace(outputs=[SimpleNamespace(text="A")])]
+
+
+def vlmeval_vllm_input(model, message, dataset: str) -> tuple[dict, object]:
+    """(the request, its SamplingParams) a VLMEvalKit class's own vLLM path gives `vllm.LLM` for a message."""
+    model.llm = llm = RecordingLLM()
+    model.generate_inner_vllm(message, dataset=dataset)
+    return llm.calls[-1]

@@ -17,6 +17,7 @@ FAMILIES = {   # entry point -> (names it serves, engines shown by `vlm-batch mo
     "llama4": (["Llama-4-Scout-17B-16E-Instruct", "tiny-llama4"], "vllm, hf"),
     "gemma3": (["Gemma3-4B", "Gemma3-12B", "Gemma3-27B", "tiny-gemma3"], "vllm, hf"),
     "minicpm_v": (["MiniCPM-V-4_6", "tiny-minicpm-v"], "vllm, hf"),
+    "qwen3_vl": (["Qwen3-VL-8B-Instruct", "Qwen3-VL-30B-A3B-Thinking", "Qwen3.5-27B", "tiny-qwen3-vl"], "vllm, hf"),
 }
 
 

@@ -99,7 +99,8 @@ def loaded(name: str) -> Family:
     return _LOADED[name]
 
 
-@pytest.fixture(scope="module", params=["tiny-qwen2-vl", "tiny-gemma3", "tiny-llama4", "tiny-minicpm-v"])
+@pytest.fixture(scope="module", params=["tiny-qwen2-vl", "tiny-gemma3", "tiny-llama4", "tiny-minicpm-v", "tiny-qwen2.5-vl",
+                                        "tiny-qwen3-vl", "tiny-qwen3-vl-moe", "tiny-qwen3.5", "tiny-qwen3.5-moe"])
 def family(request):
     return loaded(request.param)
 
@@ -154,6 +155,7 @@ def test_core_default_matches_qwen2_vl(case, words, sizes, image_dir, monkeypatc
     ("tiny-llama4", "long", 600, []),           # chunked layers keep only a chunk
     ("tiny-minicpm-v", "short", 8, []),         # the linear-attention layer's state is most of it
     ("tiny-minicpm-v", "large image", 20, [(500, 300)]),   # its slices
+    ("tiny-qwen3.5", "short", 8, []),           # Gated DeltaNet layers keep a state, not KV
 ])
 def test_default_misses_without_the_familys_facts(name, case, words, sizes, image_dir, monkeypatch):
     fam = loaded(name)

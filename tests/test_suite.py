@@ -120,8 +120,14 @@ def test_bad_names_fail_in_one_line_before_any_engine(tmp_path, monkeypatch, thr
                                       "NoSuchSet", "AlsoMissing", "--work-dir", str(tmp_path)])
     assert result.exit_code == 2
     last = result.output.strip().splitlines()[-1]
-    assert "'no-such-model'" in last and "NoSuchSet" in last and "AlsoMissing" in last, last
-    assert "tiny-qwen2-vl" in last and three[0] not in last.split("Available")[0]
+    # A bad model name fails at once, before the datasets' check (which imports VLMEvalKit: seconds).
+    assert "'no-such-model'" in last and "NoSuchSet" not in last, last
+    assert "tiny-qwen2-vl" in last and "tiny-qwen2-vl" not in last.split("Available")[0]
+    result = CliRunner().invoke(cli, ["eval", "--model", "tiny-qwen2-vl", "--data", three[0], "NoSuchSet",
+                                      "AlsoMissing", "--work-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    last = result.output.strip().splitlines()[-1]
+    assert "NoSuchSet" in last and "AlsoMissing" in last and three[0] not in last.split("and no file")[0], last
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"model": {"tiny-qwen2-vl": {"max_new_token": 3}, "gone": {}},
                                   "data": {"NoSuchSet": {}, three[0]: {"class": "ImageMCQDataset"}}}))

@@ -1,4 +1,4 @@
-"""Build the wheels and sdists of the six distributions (the core and plugins/*) and check them.
+"""Build the wheels and sdists of every distribution (the core and plugins/*) and check them.
 
 One build path for `nox -s dist` and tests/test_install.py, so what the test installs is what
 would be published. Usage: `python tools/build_dists.py [OUT]` (default dist/); needs `build`,

@@ -4,8 +4,8 @@ Importing this package loads no torch, vLLM or VLMEvalKit; those load where they
 """
 
 from .hookspecs import hookimpl
-from .models import ModelCard
+from .models import ModelCard, Unserved
 from .request import Request, Result
 
 __version__ = "0.1.0"
-__all__ = ["ModelCard", "Request", "Result", "hookimpl", "__version__"]
+__all__ = ["ModelCard", "Request", "Result", "Unserved", "hookimpl", "__version__"]

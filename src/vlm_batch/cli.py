@@ -24,9 +24,16 @@ def _resolve_model(name: str | None):
     from .plugins import UnknownModel, get_model, get_models
 
     if name:
+        from .served import ServeError, checkpoint_card, looks_like_checkpoint
+
         try:
             return get_model(name)
         except UnknownModel as exc:
+            if not looks_like_checkpoint(name):
+                _fail(str(exc))
+        try:
+            return checkpoint_card(name)
+        except ServeError as exc:
             _fail(str(exc))
     from .demo import demo_card
 
@@ -266,19 +273,51 @@ def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_
 
 
 @cli.command()
-def models():
-    """Every model name, the plugin serving it and its engines."""
-    from .plugins import get_models
+@click.option("--all", "show_all", is_flag=True,
+              help="Also the VLMEvalKit names of served classes that no plugin can run, each with the reason.")
+def models(show_all):
+    """Every model name by family, the plugin serving it and its engines."""
+    from .plugins import get_models, get_unserved
 
     cards = get_models()
-    if not cards:
+    unserved = get_unserved() if show_all else []
+    if not cards and not unserved:
         click.echo("No models: install a model plugin (see the README).")
         return
-    width = max(len(n) for n in cards)
-    for name in sorted(cards):
-        card = cards[name]
-        extra = " (demo)" if card.demo else ""
-        click.echo(f"{name:<{width}}  {card.plugin}  engines: {', '.join(card.engines)}{extra}")
+    click.echo("\n".join(_family_listing(cards, unserved)))
+
+
+def _family_listing(cards: dict, unserved: list) -> list[str]:
+    """One block per family: a heading with its counts, then a line per name (the name first)."""
+    families: dict = {}
+    for card in cards.values():
+        families.setdefault(card.family, ([], []))[0].append(card)
+    for item in unserved:
+        families.setdefault(item.family or item.plugin, ([], []))[1].append(item)
+    from .vlmeval.registry import entries
+
+    names = entries()
+    width = max(len(n) for n in [*cards, *(u.name for u in unserved)])
+    blocks = []
+    for family in sorted(families, key=str.lower):
+        served, cannot = families[family]
+        registered = [c for c in served if c.name in names]
+        classes = sorted({c.vlmeval_class for c in [*registered, *cannot] if c.vlmeval_class})
+        plugins = sorted({c.plugin for c in served} | {u.plugin for u in cannot})
+        head = f"{family}: {len(served)} model{'s' if len(served) != 1 else ''} (plugin {', '.join(plugins)}"
+        if classes:
+            total = sum(1 for e in names.values() if e.cls in classes)
+            head += f"; {len(registered)} of the {total} names of VLMEvalKit's {', '.join(classes)}"
+        head += ")"
+        lines = [head]
+        for card in sorted(served, key=lambda c: c.name.lower()):
+            extra = " (demo)" if card.demo else ""
+            note = f"  [{card.description}]" if card.vlmeval_class and card.description else ""
+            lines.append(f"{card.name:<{width}}  {card.plugin}  engines: {', '.join(card.engines)}{extra}{note}")
+        for item in sorted(cannot, key=lambda u: u.name.lower()):
+            lines.append(f"{item.name:<{width}}  {item.plugin}  not served: {item.reason}")
+        blocks.append("\n".join(lines))
+    return blocks
 
 
 @cli.command()

@@ -49,3 +49,15 @@ def parts(message: list[dict], max_images: int, image: Callable = lambda part: p
         elif part["type"] == "text":
             content.append(("text", part["value"]))
     return content, images
+
+
+def last_boxed(text: str) -> str:
+    """VLMEvalKit's `post_process` option of several model classes: what the last \\boxed{...}
+    holds, braces balanced (to the end of the text when unclosed); a text with no \\boxed{ is kept whole."""
+    tail = text.split("\\boxed{")[-1]
+    depth = 1
+    for i, char in enumerate(tail):
+        depth += (char == "{") - (char == "}")
+        if depth == 0:
+            return tail[:i]
+    return tail

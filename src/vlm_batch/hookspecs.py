@@ -16,6 +16,13 @@ class BatchCapableModel:
         """Return the ModelCards this plugin serves."""
 
     @hookspec(firstresult=True)
+    def vlm_batch_vlmeval_card(self, entry):
+        """A ModelCard for a model of a VLMEvalKit class this plugin names in its module's
+        `VLMEVAL_CLASSES` (`entry`: a `vlmeval.registry.Entry`: a `supported_VLM` entry, a user's config
+        entry, or a checkpoint by its architecture), applying the class's arguments as the class does;
+        or `Unserved(entry.name, reason)` for one it cannot run. Called for the plugin's own classes only."""
+
+    @hookspec(firstresult=True)
     def vlm_batch_prepare(self, card, message, dataset):
         """Turn one VLMEvalKit message (images decoded) into one engine Request."""
 

@@ -98,6 +98,17 @@ def kv_bytes(cfg: dict, tokens: int, spans: list | None = None, state_bytes: int
     return kept * _per_layer_token(cfg, dtype) + state_bytes * sum(1 for s in spans if s is LINEAR)
 
 
+def gated_delta_state_bytes(cfg: dict) -> int:
+    """What one linear-attention (gated delta net) layer keeps, whatever the length: its causal-conv
+    window over the q, k and v projections (model dtype) and its recurrent state per value head (float32
+    whatever the model's dtype: transformers' gated delta rule computes it in float32 and keeps it so)."""
+    t = text_config(cfg)
+    keys, values = t["linear_num_key_heads"] * t["linear_key_head_dim"], t["linear_num_value_heads"] * t["linear_value_head_dim"]
+    conv = (2 * keys + values) * t.get("linear_conv_kernel_dim", 4)
+    recurrent = t["linear_num_value_heads"] * t["linear_key_head_dim"] * t["linear_value_head_dim"]
+    return conv * dtype_bytes(cfg) + recurrent * 4
+
+
 def default_image_tokens(card, width: int, height: int) -> int:
     """Patches after merging, for ViT-style encoders; a plugin knows its processor better."""
     vision = model_config(card).get("vision_config") or {}

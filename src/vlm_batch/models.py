@@ -13,6 +13,7 @@ class ModelCard:
     checkpoint: str | Callable[[], str]      # hub id or local path, or a builder for local tiny models
     engines: tuple[str, ...] = ("vllm", "hf")
     vlmeval_name: str | None = None          # whose VLMEvalKit prompt rules apply (default: name)
+    vlmeval_class: str = ""                  # or the VLMEvalKit class whose rules apply (a user's checkpoint)
     prompt_attrs: Mapping[str, Any] = field(default_factory=dict)  # what that class's prompt code reads
     max_new_tokens: int = 512
     vllm_args: Mapping[str, Any] = field(default_factory=dict)
@@ -24,6 +25,7 @@ class ModelCard:
     description: str = ""
     demo: bool = False                       # the embedded default `vlm-batch eval` runs with no --model
     plugin: str = ""                         # the plugin whose hooks serve it (default: the one registering it)
+    gpu_only: str = ""                       # why it cannot run without a GPU (e.g. its quantized weights)
 
     @property
     def prompt_name(self) -> str:
@@ -35,3 +37,13 @@ class ModelCard:
 
     def with_plugin(self, plugin: str) -> "ModelCard":
         return replace(self, plugin=plugin)
+
+
+@dataclass(frozen=True)
+class Unserved:
+    """A VLMEvalKit model of a class a plugin serves that it cannot run, and why (`vlm-batch models --all`)."""
+    name: str
+    reason: str
+    vlmeval_class: str = ""
+    plugin: str = ""
+    family: str = ""

@@ -11,8 +11,12 @@ The config is VLMEvalKit's format:
               "MyYesNo": {"class": "ImageYORNDataset", "dataset": "MyYesNo"}}}
 
 A `model` entry names a vlm-batch model (its key, or its `model` field; the key names the output
-folder) and may override its generation and engine settings. A `data` entry is a dataset name, with
-VLMEvalKit's `class` making a local TSV a dataset of that class.
+folder) and may override its generation and engine settings. Or, as in VLMEvalKit's config, it builds
+one: `{"my-ft": {"class": "SomeVLMEvalKitChat", "model_path": "/ckpt", ...}}` runs the checkpoint
+through the plugin serving that class, with the class's prompts and those arguments. A model named
+by a checkpoint folder or hub id (`--model PATH`) is served by the plugin that runs the architecture
+its config.json names. A `data` entry is a dataset name, with VLMEvalKit's `class` making a local TSV
+a dataset of that class.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ MODEL_KEYS = {
     "generation": "sampling settings both engines take (an object)",
     "vllm_args": "more vLLM engine arguments (an object)",
 }
+CLASS_KEYS = {"class": "a VLMEvalKit model class a plugin serves; the entry's other keys are its arguments",
+              "model_path": "the checkpoint (folder or hub id) of a `class` entry"}
 
 
 class PlanError(ValueError):
@@ -114,23 +120,45 @@ def from_names(models: list[str], datasets: list[str], *, engine: str, kind: str
     from .plugins import get_models
 
     cards = get_models()
-    bad = [m for m in models if m not in cards]
-    problems = [_unknown_models(bad, cards)] if bad else []
+    resolved, problems = _resolve(_unique(models), cards)
+    if problems:   # before the datasets' check, which imports VLMEvalKit: a name check takes no seconds
+        raise PlanError("; ".join(problems))
     if not models:
         if demo is None:
             problems.append("no embedded demo model is installed; pass --model (see `vlm-batch models`) "
                             "or install a model plugin that ships one (see the README)")
         else:
-            models = [demo.name]
+            models, resolved[demo.name] = [demo.name], demo
     specs = [DatasetSpec(d, kind) for d in _unique(datasets)]
     problems += _dataset_problems(specs)
     if problems:
         raise PlanError("; ".join(problems))
-    return Plan([ModelSpec(cards[m], engine) for m in _unique(models)], specs)
+    return Plan([ModelSpec(resolved[m], engine) for m in _unique(models)], specs)
+
+
+def _resolve(models: list[str], cards: dict) -> tuple[dict, list[str]]:
+    """Each model name's card: a served name, or a checkpoint folder or hub id served by its architecture."""
+    from .served import ServeError, checkpoint_card, looks_like_checkpoint
+
+    resolved, bad, problems = {}, [], []
+    for name in models:
+        if name in cards:
+            resolved[name] = cards[name]
+        elif looks_like_checkpoint(name):
+            try:
+                resolved[name] = checkpoint_card(name)
+            except ServeError as exc:
+                problems.append(str(exc))
+        else:
+            bad.append(name)
+    if bad:
+        problems.insert(0, _unknown_models(bad, cards))
+    return resolved, problems
 
 
 def from_config(path: str, *, engine: str) -> Plan:
     from .plugins import get_models
+    from .served import ServeError
 
     try:
         with open(path) as fh:
@@ -144,16 +172,25 @@ def from_config(path: str, *, engine: str) -> Plan:
     problems, models, bad = [], [], []
     for key, entry in config["model"].items():
         entry = entry if isinstance(entry, dict) else {}
+        if "class" in entry:
+            try:
+                models.append(_class_entry(key, entry, engine))
+            except ServeError as exc:
+                problems.append(str(exc))
+            continue
         unknown = sorted(set(entry) - set(MODEL_KEYS))
         if unknown:
-            problems.append(f"model '{key}': unknown setting(s) {', '.join(unknown)} (a vlm-batch model is named, "
-                            f"not built from a class; settings: {', '.join(MODEL_KEYS)})")
+            problems.append(f"model '{key}': unknown setting(s) {', '.join(unknown)} (settings: "
+                            f"{', '.join(MODEL_KEYS)}; or build a model from VLMEvalKit's 'class' and 'model_path')")
             continue
         base = entry.get("model", key)
-        if base not in cards:
+        found, trouble = _resolve([base], cards)
+        if base in found:
+            models.append(_override(found[base], key, entry, engine))
+        elif base in cards or not trouble[0].startswith("Unknown model"):
+            problems += trouble
+        else:
             bad.append(base)
-            continue
-        models.append(_override(cards[base], key, entry, engine))
     if bad:
         problems.insert(0, _unknown_models(bad, cards))
     specs = []
@@ -170,6 +207,20 @@ def from_config(path: str, *, engine: str) -> Plan:
     if problems:
         raise PlanError("; ".join(problems))
     return Plan(models, specs)
+
+
+def _class_entry(key: str, entry: dict, engine: str) -> ModelSpec:
+    """VLMEvalKit's `{"class": C, "model_path": P, **arguments}`: the card of the plugin serving C, with
+    vlm-batch's own settings of the entry applied on top (max_new_tokens is both)."""
+    from .served import ServeError, class_card
+
+    cls = entry["class"]
+    if not isinstance(cls, str):
+        raise ServeError(f"model '{key}': 'class' names a VLMEvalKit model class (see `vlm-batch models`)")
+    ours = {k: entry[k] for k in MODEL_KEYS if k in entry and k != "model"}
+    args = {k: v for k, v in entry.items() if k not in CLASS_KEYS and (k not in MODEL_KEYS or k == "max_new_tokens")}
+    card = class_card(key, cls, {"model_path": entry.get("model_path"), **args})
+    return _override(card, key, ours, engine)
 
 
 def _override(card: ModelCard, name: str, entry: dict, engine: str) -> ModelSpec:
@@ -189,9 +240,14 @@ def _override(card: ModelCard, name: str, entry: dict, engine: str) -> ModelSpec
 
 
 def _unknown_models(bad: list[str], cards: dict) -> str:
-    known = ", ".join(sorted(cards)) or "none (install a model plugin; see the README)"
+    import difflib
+
+    known = ", ".join(sorted(cards, key=str.lower)) or "none (install a model plugin; see the README)"
     names = ", ".join(f"'{b}'" for b in bad)
-    return f"Unknown model{'s' if len(bad) > 1 else ''} {names}. Available: {known}"
+    close = sorted({m for b in bad for m in difflib.get_close_matches(b, list(cards), n=3, cutoff=0.6)})
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return (f"Unknown model{'s' if len(bad) > 1 else ''} {names} (not a model name, checkpoint folder or hub id)."
+            f"{hint} Available: {known}")
 
 
 def _dataset_problems(specs: list[DatasetSpec]) -> list[str]:

@@ -49,9 +49,12 @@ class UnknownModel(LookupError):
 
 
 def get_models() -> dict:
-    """Every ModelCard of every loaded plugin, by name; the first plugin to claim a name keeps it. A
-    card may name the plugin that serves it (the tests' tiny models do); it is left out when that
-    plugin is not loaded."""
+    """Every ModelCard of every loaded plugin, by name: the cards plugins list, then one for each
+    VLMEvalKit registry entry of a class a plugin serves (`served`); the first to claim a name keeps
+    it. A card may name the plugin that serves it (the tests' tiny models do); it is left out when
+    that plugin is not loaded."""
+    from .served import registry
+
     load_plugins()
     cards = {}
     for impl in reversed(pm.hook.vlm_batch_models.get_hookimpls()):
@@ -59,7 +62,17 @@ def get_models() -> dict:
             card = card if card.plugin else card.with_plugin(plugin_name(impl.plugin))
             if pm.get_plugin(card.plugin) is not None:
                 cards.setdefault(card.name, card)
+    for card in registry()[0]:
+        cards.setdefault(card.name, card)
     return cards
+
+
+def get_unserved() -> list:
+    """The registry entries of served classes that their plugin cannot run, each with its reason."""
+    from .served import registry
+
+    cards = get_models()
+    return [u for u in registry()[1] if u.name not in cards]
 
 
 class CardHooks:
@@ -70,7 +83,8 @@ class CardHooks:
         owner = pm.get_plugin(card.plugin)
         if owner is None:
             raise UnknownModel(f"model '{card.name}' is served by the plugin '{card.plugin}', which is not loaded")
-        serving = {impl.plugin for impl in pm.hook.vlm_batch_models.get_hookimpls()}
+        serving = {impl.plugin for hook in (pm.hook.vlm_batch_models, pm.hook.vlm_batch_vlmeval_card)
+                   for impl in hook.get_hookimpls()}   # a plugin may serve only VLMEvalKit's names
         others = [p for p in serving if p is not owner]
         self.card = card
         self._prepare = pm.subset_hook_caller("vlm_batch_prepare", others)

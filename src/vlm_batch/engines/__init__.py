@@ -61,6 +61,27 @@ def token_ids(tokenizer, tokens) -> set:
     return ids
 
 
+# A card's `generation` (VLMEvalKit's sampling arguments, or a config's): vLLM's SamplingParams names.
+HF_DROPS = ("presence_penalty", "frequency_penalty", "seed", "min_p")   # transformers' generate lacks them
+
+
+def sampling(generation, engine: str) -> dict:
+    """A card's sampling settings as `engine` takes them; none: greedy. `do_sample` False, or a
+    temperature of 0, is greedy on both. transformers samples only with `do_sample`, and has no
+    presence penalty (VLMEvalKit's transformers paths do not pass it either)."""
+    settings = dict(generation or {})
+    sample = settings.pop("do_sample", None)
+    if sample is None:
+        sample = float(settings.get("temperature", 0) or 0) > 0
+    if engine == "vllm":
+        return {**settings, "temperature": settings.get("temperature", 1.0)} if sample else \
+            {**{k: v for k, v in settings.items() if k not in ("temperature", "top_p", "top_k")}, "temperature": 0.0}
+    settings = {k: v for k, v in settings.items() if k not in HF_DROPS}
+    if not sample:
+        return {"do_sample": False, **{k: v for k, v in settings.items() if k not in ("temperature", "top_p", "top_k")}}
+    return {"do_sample": True, **settings}
+
+
 def on_gpu() -> bool:
     import torch
 

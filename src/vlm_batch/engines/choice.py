@@ -37,7 +37,8 @@ def choose(card, asked: str) -> Choice:
 
 def decide(card, asked: str, trust_remote_code: bool = False) -> Choice:
     """The choice, or an EngineError before anything loads: an engine the model lacks, vLLM asked for
-    and missing, or a checkpoint that ships code the user did not opt into."""
+    and missing, a model that cannot run without a GPU on a machine without one, or a checkpoint
+    that ships code the user did not opt into."""
     if asked not in CHOICES:
         raise EngineError(f"Unknown engine '{asked}'. Available: {', '.join(CHOICES)}")
     if asked != "auto" and asked not in card.engines:
@@ -45,6 +46,11 @@ def decide(card, asked: str, trust_remote_code: bool = False) -> Choice:
     choice = choose(card, asked)
     if choice.engine == "vllm" and not vllm_installed():
         raise EngineError(f"{NO_VLLM}; use --engine hf, or --engine auto to fall back to it")
+    if card.gpu_only:
+        from .environment import gpus_visible
+
+        if not gpus_visible():
+            raise EngineError(f"Model '{card.name}' needs a GPU: {card.gpu_only}")
     if card.trust_remote_code and not trust_remote_code:
         raise EngineError(f"Model '{card.name}' runs code shipped with its checkpoint; "
                           "pass --trust-remote-code if you trust it")

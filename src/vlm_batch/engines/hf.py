@@ -13,7 +13,7 @@ from .collector import BatchCollector, collect
 from ..memory import batch_bytes
 from .processor import BatchProcessor
 from ..request import Result
-from . import EngineError, on_gpu, token_ids
+from . import EngineError, on_gpu, sampling, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,8 @@ class HFEngine:
             if self.context:   # as vLLM does: the answer may use what the context has left
                 budget = min(budget, self.context - longest)
             with torch.inference_mode():
-                out = self.model.generate(**inputs, max_new_tokens=budget, do_sample=False,
-                                          pad_token_id=self.pad_id, eos_token_id=sorted(self.eos),
-                                          **self.card.generation)
+                out = self.model.generate(**inputs, max_new_tokens=budget, pad_token_id=self.pad_id,
+                                          eos_token_id=sorted(self.eos), **sampling(self.card.generation, "hf"))
         except Exception:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

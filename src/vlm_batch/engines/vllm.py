@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..request import Result
-from . import EngineError, on_gpu, token_ids
+from . import EngineError, on_gpu, sampling, token_ids
 from . import environment
 from .processes import engine_process_context, engine_threads, one_engine_process, start_forkserver
 
@@ -125,16 +125,16 @@ class VLLMEngine:
         threading.Thread(target=watch, name="vlm-batch-engine-watch", daemon=True).start()
 
     def _sampling(self, max_new_tokens: int, stop_tokens: tuple = ()):
-        """Greedy settings, built once per length: vLLM copies them into each request anyway."""
+        """Greedy unless the card samples, built once per length: vLLM copies them into each request
+        anyway. The per-request seed makes a sampled answer the same whatever its batch."""
         from vllm import SamplingParams
 
         key = (max_new_tokens, stop_tokens)
         if key not in self._params:
-            extra = {}
+            params = {"temperature": 0.0, "max_tokens": max_new_tokens, "seed": 0}
             if stop_tokens:
-                extra["stop_token_ids"] = sorted(token_ids(self.llm.get_tokenizer(), stop_tokens))
-            self._params[key] = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0,
-                                               **extra, **self.card.generation)
+                params["stop_token_ids"] = sorted(token_ids(self.llm.get_tokenizer(), stop_tokens))
+            self._params[key] = SamplingParams(**{**params, **sampling(self.card.generation, "vllm")})
         return self._params[key]
 
     def _submit(self, request, stop_tokens: tuple = ()) -> str:

@@ -110,6 +110,9 @@ def write_predictions(dataset, predictions: dict, path: str) -> bool:
     if missing:
         raise KeyError(f"no prediction for items {missing[:10]}")
     data["prediction"] = [str(predictions[key(i)]) for i in data["index"]]
+    if os.getenv("SPLIT_THINK", False):   # VLMEvalKit's option, read where `infer_data_job` reads it
+        pairs = [split_thinking(p) for p in data["prediction"]]
+        data["prediction"], data["thinking"] = [p for p, _ in pairs], [t for _, t in pairs]
     if "image" in data:
         data.pop("image")
     changed = _predictions_differ(path, data)
@@ -125,6 +128,19 @@ def write_predictions(dataset, predictions: dict, path: str) -> bool:
         os.replace(tmp, path)
     drop_scoring_files(path)
     return True
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """(prediction, thinking) as `infer_data_job` splits an answer when SPLIT_THINK is set: the answer
+    after the last </think>, stripped; the reasoning before it (inside <think> when exactly one pair
+    is there, else everything before the last </think>, the tag kept). Without SPLIT_THINK, VLMEvalKit
+    (and so vlm-batch) keeps the whole answer, reasoning included, as the prediction."""
+    if "</think>" not in text:
+        return text, ""
+    splits = text.split("</think>")
+    if len(splits) == 2 and "<think>" in splits[0]:
+        return splits[-1].strip(), splits[0].split("<think>")[1].strip()
+    return splits[-1].strip(), "</think>".join(splits[:-1]) + "</think>"
 
 
 def _predictions_differ(path: str, data) -> bool:

@@ -9,14 +9,14 @@ import io
 import shutil
 import sys
 
-from .registry import vlmeval_class, vlmeval_entry
+from .registry import card_class, vlmeval_entry
 
 
 def has_vllm_path(card) -> bool:
     """VLMEvalKit has a vLLM path for this model: its class takes `use_vllm` and builds `vllm.LLM`."""
     import inspect
 
-    cls = vlmeval_class(card.prompt_name)
+    cls = card_class(card)
     if cls is None:
         return False
     try:
@@ -39,8 +39,8 @@ class VLMEvalLoop:
         from ..engines.vllm import engine_args
 
         environment.prepare()
-        entry = vlmeval_entry(card.prompt_name)
-        cls = getattr(entry, "func", entry)
+        entry = None if card.vlmeval_class else vlmeval_entry(card.prompt_name)
+        cls = getattr(entry, "func", entry) or card_class(card)   # a card of a class: its options are the arguments
         module = sys.modules[cls.__module__]
         ours = {k: v for k, v in engine_args(card, **{k: v for k, v in options.items()
                                                       if k not in ("batch_size", "verbose")}).items()

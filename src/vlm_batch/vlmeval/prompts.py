@@ -8,7 +8,7 @@ import os.path as osp
 import warnings
 
 from ..request import item_key
-from .registry import vlmeval_class
+from .registry import card_class
 from .rows import ItemError
 
 
@@ -18,7 +18,7 @@ def prompt_model(card, dataset):
     Its constructor would load weights; the prompt methods need just the attributes the plugin
     lists in `card.prompt_attrs` (a parity test checks them against the real constructor).
     """
-    cls = vlmeval_class(card.prompt_name)
+    cls = card_class(card)
     if cls is None:
         return None
     from vlmeval.vlm.base import BaseModel

@@ -51,25 +51,12 @@ def vlm_batch_generate(card, engine, requests):
     return generate(engine, requests, stop_tokens=(IM_END,))   # ChatML's end of turn
 
 
-def linear_state_bytes(cfg: dict) -> int:
-    """What one linear-attention (gated delta net) layer keeps, whatever the length: its causal-conv
-    window over the q, k and v projections (model dtype) and its recurrent state per value head (float32
-    whatever the model's dtype: transformers' gated delta rule computes it in float32 and keeps it so)."""
-    from vlm_batch.memory import dtype_bytes, text_config
-
-    t = text_config(cfg)
-    keys, values = t["linear_num_key_heads"] * t["linear_key_head_dim"], t["linear_num_value_heads"] * t["linear_value_head_dim"]
-    conv = (2 * keys + values) * t.get("linear_conv_kernel_dim", 4)
-    recurrent = t["linear_num_value_heads"] * t["linear_key_head_dim"] * t["linear_value_head_dim"]
-    return conv * dtype_bytes(cfg) + recurrent * 4
-
-
 @hookimpl
 def vlm_batch_estimate_memory(card, request):
-    from vlm_batch.memory import estimate_kv, layer_spans, model_config
+    from vlm_batch.memory import estimate_kv, gated_delta_state_bytes, layer_spans, model_config
 
     cfg = model_config(card)   # Qwen3.5 layers: linear attention (a fixed state) and full attention
-    return estimate_kv(card, request, image_tokens, layer_spans(cfg), linear_state_bytes(cfg))
+    return estimate_kv(card, request, image_tokens, layer_spans(cfg), gated_delta_state_bytes(cfg))
 
 
 def image_tokens(card, width, height) -> int:
