@@ -207,3 +207,24 @@ def test_a_work_dir_that_cannot_be_written_fails_before_any_engine(tmp_path):
         assert not family.any("VLLM::") and not family.any("forkserver"), list(family.seen.values())
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+FORKED = r'''
+import multiprocessing as mp, signal
+from vlm_batch.ending import stop_on_signals
+
+def handler(_):
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+stop_on_signals()
+with mp.get_context("fork").Pool(2) as pool:   # as VLMEvalKit's scoring forks its pools
+    print(all(all(r) for r in pool.map(handler, range(4))))
+'''
+
+
+def test_a_forked_process_ends_on_sigterm_as_it_expects():
+    """VLMEvalKit's scoring pools are forked from our process: with our SIGTERM handler inherited, a
+    worker the pool terminated raised Stopped while waiting on the queue's lock, and the pool's
+    shutdown, so the run, hung (seen in CI: VQA scoring beside the transformers engine)."""
+    out = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stdout + out.stderr

@@ -4,6 +4,7 @@ status, so a batch script can tell."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -27,6 +28,20 @@ def stop_on_signals() -> None:
 
     for sig in SIGNALS:
         signal.signal(sig, stop)
+    if not _forks_reset:
+        _forks_reset.append(True)
+        os.register_at_fork(after_in_child=_defaults)
+
+
+_forks_reset: list = []
+
+
+def _defaults() -> None:
+    """A process forked from ours (VLMEvalKit's scoring pools, our preparation workers) is not the run:
+    SIGTERM ends it at once, as it expects. With our handler it raised Stopped wherever it stood, and
+    a pool worker stopped while waiting on its queue's lock hung the pool's shutdown, and the run."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def signal_of(exc: BaseException) -> signal.Signals:
