@@ -28,12 +28,13 @@ def stop_on_signals() -> None:
 
     for sig in SIGNALS:
         signal.signal(sig, stop)
-    if not _forks_reset:
-        _forks_reset.append(True)
+    global _forks_reset
+    if not _forks_reset:   # once: a second run in this process must not stack another hook
+        _forks_reset = True
         os.register_at_fork(after_in_child=_defaults)
 
 
-_forks_reset: list = []
+_forks_reset = False
 
 
 def _defaults() -> None:
