@@ -1,5 +1,5 @@
 """The processes beside ours: vLLM's engine process, forked from a forkserver that imported torch and
-vLLM beside this process's own import; the cores each process takes; and how each of them ends when
+vLLM beside this process's own import, and how each of them ends when
 the process that started it ends, however it ends (`kill -9` included)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from multiprocessing import context as mp_context
 
 from .environment import gpus_visible
+from .threads import engine_process
 
 CHILD_IMPORTS = ["vlm_batch.engines.vllm_child"]
 WATCH_S = 0.5            # how often a process we start checks that its parent is still there
@@ -57,7 +58,7 @@ def start_forkserver() -> None:
     if "forkserver" not in mp.get_all_start_methods() or os.environ.get("VLM_BATCH_SPAWN"):
         return
     mp.get_context("forkserver").set_forkserver_preload(CHILD_IMPORTS)
-    with engine_threads(not gpus_visible()):
+    with engine_process(not gpus_visible()):
         forkserver.ensure_running()
 
 
@@ -144,17 +145,4 @@ def one_engine_process(args: dict) -> None:
         from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
         args["distributed_executor_backend"] = UniProcExecutor
-
-
-@contextmanager
-def engine_threads(cpu: bool):
-    """The engine process, spawned inside this block, takes all cores but one: that one is ours."""
-    if not cpu or "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) - 1))
-    try:
-        yield
-    finally:
-        del os.environ["OMP_NUM_THREADS"]
 
