@@ -48,7 +48,7 @@ def test_a_default_run_on_photos_keeps_each_process_to_its_threads(tmp_path, lmu
     assert seen["cores"] == cores and not seen["user_set"]
     assert seen["this_process"] == 1, seen
     assert len(seen["prep_workers"]) >= 1 and set(seen["prep_workers"].values()) == {1}, seen   # photos: workers
-    assert list(seen["engine_processes"].values()) == [str(max(1, cores - 1))], seen
+    assert list(seen["engine_processes"].values()) == [max(1, cores - 1)], seen
     predictions = pd.read_excel(tmp_path / "tiny-qwen2-vl" / f"tiny-qwen2-vl_{name}.xlsx")
     assert len(predictions) == PHOTOS and predictions["prediction"].notna().all()
     assert not predictions["prediction"].astype(str).str.startswith("Failed").any()

@@ -62,12 +62,21 @@ def start_forkserver() -> None:
         forkserver.ensure_running()
 
 
+def _report_threads(proc) -> None:
+    """The engine process says how many torch threads it computes with (the run report's `threads`):
+    its environment as seen from outside is no guide, setproctitle writes over it."""
+    import torch
+
+    proc.torch_threads.value = torch.get_num_threads()
+
+
 class _Carried(mp_context.ForkServerProcess):
     """A forkserver process that takes this process's environment of the moment with it, and ends
     with the forkserver (which ends with us: see `vllm_child`)."""
 
     def start(self):
         self._environ = dict(os.environ)
+        self.torch_threads = mp_context._default_context.get_context("forkserver").RawValue("i", 0)
         _started.append(self)
         super().start()
 
@@ -81,6 +90,7 @@ class _Carried(mp_context.ForkServerProcess):
             pass
         os.environ.clear()
         os.environ.update(self._environ)
+        _report_threads(self)
         super().run()
 
 
@@ -88,11 +98,13 @@ class _Watched(mp_context.SpawnProcess):
     """A spawned process (VLM_BATCH_SPAWN=1) that ends with this one."""
 
     def start(self):
+        self.torch_threads = mp_context._default_context.get_context("spawn").RawValue("i", 0)
         _started.append(self)
         super().start()
 
     def run(self):
         die_with_parent()
+        _report_threads(self)
         super().run()
 
 

@@ -21,6 +21,9 @@ from contextlib import contextmanager
 PHOTO_BYTES = 32_000   # a mean image above this (base64, as in the TSV) is worth a worker's round trip
 MAX_WORKERS = 8
 SAMPLE_ROWS = 32
+# Read once, at import: this process sets OMP_NUM_THREADS for a moment while it starts an engine
+# process, and a worker forked in that moment would take our own setting for the user's.
+USER_SET = "OMP_NUM_THREADS" in os.environ
 
 
 def cores() -> int:
@@ -28,8 +31,8 @@ def cores() -> int:
 
 
 def user_set() -> bool:
-    """OMP_NUM_THREADS in the environment is the user's own budget: we leave every process to it."""
-    return "OMP_NUM_THREADS" in os.environ
+    """OMP_NUM_THREADS in the user's environment is their own budget: we leave every process to it."""
+    return USER_SET
 
 
 def engine_share() -> int:
@@ -109,17 +112,10 @@ def prep_workers(asked: int | None, datasets: dict) -> int:
 
 
 def seen(worker_threads: dict) -> dict:
-    """The budget as the processes hold it, for the run report: this process's torch threads, each
-    worker's (as it reported them), and the OpenMP threads vLLM's engine processes were started with."""
+    """The budget as the processes hold it, for the run report: this process's torch threads, and each
+    worker's and engine process's, as each reported them."""
     from .processes import started_since
 
-    engines = {}
-    for proc in started_since(0):
-        try:
-            import psutil
-
-            engines[proc.pid] = psutil.Process(proc.pid).environ().get("OMP_NUM_THREADS")
-        except Exception:   # gone, or not ours to read
-            continue
+    engines = {proc.pid: proc.torch_threads.value for proc in started_since(0)}
     return {"cores": cores(), "this_process": torch_threads(), "prep_workers": dict(worker_threads),
             "engine_processes": engines, "user_set": user_set()}
