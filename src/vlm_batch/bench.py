@@ -7,8 +7,9 @@ for the model, (e) VLMEvalKit's own loop: its model class on its own vLLM engine
 Predictions must agree across all of them. CPU time per item, here and in child processes (vLLM's
 engine core), shows which side bounds each.
 
-Each round of the pipeline starts cold for what an evaluation does once per item: VLMEvalKit's
-image files under `$LMUData/images/NAME` are removed first, so they are decoded and written again.
+Each round of the pipeline and of VLMEvalKit's loop starts cold for what an evaluation does once per
+item: VLMEvalKit's image files under `$LMUData/images/NAME` are removed first, so they are decoded
+and written again. `--warm` keeps them, as a second evaluation of the same dataset finds them.
 
 Workloads shaped like real benchmarks: `--dataset VLMBatchPhotos` (1024x768 JPEGs) or `VLMBatchScans`
 (2000x1500), and `--answer-tokens N`, which makes every mode, VLMEvalKit's loop included, write
@@ -78,7 +79,7 @@ def _texts(results) -> dict:
 
 def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128, fixed: int = 4,
               engine_options: dict | None = None, prep_workers: int | None = None, repeat: int = 5,
-              answer_tokens: int | None = None, log=print) -> dict:
+              answer_tokens: int | None = None, warm: bool = False, log=print) -> dict:
     if answer_tokens:
         card = forced(card, engine, answer_tokens)
     dataset = load_dataset(dataset_name, limit)
@@ -97,7 +98,8 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
     stage_costs: dict = {}
 
     def pipeline():
-        shutil.rmtree(fresh.img_root, ignore_errors=True)   # cold: as an evaluation meets each item once
+        if not warm:   # cold: as an evaluation meets each item once
+            shutil.rmtree(fresh.img_root, ignore_errors=True)
         costs.take()   # what the other modes left
         preparer.ledger = Ledger()
         out = list(generate(card, eng, preparer.requests(failures, rows_of(fresh))))
@@ -111,7 +113,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "vlm_batch": lambda: list(eng.generate(requests)),
         "pipeline": pipeline,
     }
-    loop = VLMEvalLoop(card, load_dataset(dataset_name, limit), options, answer_tokens) if engine == "vllm" and \
+    loop = VLMEvalLoop(card, load_dataset(dataset_name, limit), options, answer_tokens, warm) if engine == "vllm" and \
         has_vllm_path(card) else None
     if loop is not None:
         runs["vlmeval_loop"] = loop
@@ -134,7 +136,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
                     details = engine_stats(eng)
                     tokens = [r.output_tokens for r in out]
                     details["failed_items"] = sum(not r.ok for r in out)
-        ceiling = feed_ceiling(card, dataset_name, limit, eng, log) if engine == "vllm" else {}
+        ceiling = feed_ceiling(card, dataset_name, limit, eng, log, warm=warm) if engine == "vllm" else {}
     finally:
         eng.close()
         preparer.close()
@@ -167,6 +169,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "caches_off": sorted(NO_REPEAT_CACHES) if engine == "vllm" else [],
         "prep_workers": preparer.workers,
         "answer_tokens": answer_tokens,
+        "image_files": "warm: kept between rounds" if warm else "cold: written again each round",
         "repeat": repeat,
         "seconds": {k: round(v, 3) for k, v in modes.items()},
         "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
@@ -201,7 +204,7 @@ def base64_ms(dataset) -> float:
     return round(1e3 * (time.thread_time() - started) / len(fields), 3)
 
 
-def feed_ceiling(card, dataset_name: str, limit: int, eng, log, workers=None) -> dict:
+def feed_ceiling(card, dataset_name: str, limit: int, eng, log, workers=None, warm: bool = False) -> dict:
     """Items/s the pipeline delivers with the model taken away, for each number of preparation
     workers: rows to VLMEvalKit's prompts and images, the plugin's requests, and vLLM's renderer
     (its multimodal processing, in this process), everything `eval` does before the model. If it is
@@ -212,7 +215,8 @@ def feed_ceiling(card, dataset_name: str, limit: int, eng, log, workers=None) ->
     counts = workers or sorted({0, 1, 2, min(4, max(2, cores()))})
     out = {}
     for count in counts:
-        shutil.rmtree(dataset.img_root, ignore_errors=True)
+        if not warm:
+            shutil.rmtree(dataset.img_root, ignore_errors=True)
         with Preparer(card, {dataset.dataset_name: dataset}, count) as preparer:
             started, n = time.perf_counter(), 0
             for request in preparer.requests([], rows_of(dataset)):

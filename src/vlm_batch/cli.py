@@ -241,10 +241,12 @@ def _print(result, settings) -> None:
 @click.option("--prep-workers", type=click.IntRange(min=0), help="As in eval.")
 @click.option("--answer-tokens", type=click.IntRange(min=1),
               help="Make every answer exactly N tokens long, in every mode (e.g. 128: an open-answer set's).")
+@click.option("--warm", is_flag=True,
+              help="Keep VLMEvalKit's image files between rounds, as a second evaluation of a dataset finds them.")
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_path, repeat, prep_workers,
-          answer_tokens, trust_remote_code, verbose):
+          answer_tokens, warm, trust_remote_code, verbose):
     """Items/s one at a time, in fixed batches of 4, and batched by vlm-batch, in one run; photo-sized
     images with --dataset VLMBatchPhotos or VLMBatchScans, long answers with --answer-tokens."""
     setup_logging(verbose)
@@ -259,7 +261,8 @@ def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_
     try:
         decide(card, engine, trust_remote_code)
         report = run_bench(card, dataset_name, engine=engine, limit=limit, engine_options=options,
-                           prep_workers=prep_workers, repeat=repeat, answer_tokens=answer_tokens, log=click.echo)
+                           prep_workers=prep_workers, repeat=repeat, answer_tokens=answer_tokens, warm=warm,
+                           log=click.echo)
     except (DatasetError, EngineError) as exc:
         _fail(str(exc))
     write_json(report, json_path)

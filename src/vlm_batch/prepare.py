@@ -8,6 +8,7 @@ and VLMEvalKit but no engine state. How many, unless the user says: `engines.thr
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import multiprocessing as mp
@@ -122,6 +123,7 @@ def _init(card, datasets, fit):
 
     die_with_parent()   # a worker outlives no run, even one killed with -9
     one_thread()
+    costs.take()   # what this process had measured before the fork is the parent's to report
     _worker["builders"] = Builders(card, datasets, fit)
 
 
@@ -143,7 +145,13 @@ class Preparer:
         self.pool = None
         workers = prep_workers(workers, datasets)
         if workers > 0 and "fork" in mp.get_all_start_methods():
-            self.pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(card, datasets, fit))
+            # The heap a worker inherits, out of its garbage collector's sight: a collection that walked
+            # it would copy each page it touched, on the worker's clock.
+            gc.freeze()
+            try:
+                self.pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(card, datasets, fit))
+            finally:
+                gc.unfreeze()
         self.workers = workers if self.pool is not None else 0
         self.worker_threads: dict = {}   # pid -> torch threads, as each worker reported them
         self.ledger = Ledger()           # the workers' stage costs, as they sent them back

@@ -32,7 +32,7 @@ class VLMEvalLoop:
     process, the model's context) and its GPU check is told of a GPU: both are what let it run here.
     """
 
-    def __init__(self, card, dataset, options: dict, answer_tokens: int | None = None):
+    def __init__(self, card, dataset, options: dict, answer_tokens: int | None = None, warm: bool = False):
         import vllm
 
         from ..engines import environment
@@ -65,7 +65,7 @@ class VLMEvalLoop:
             if saved is not None:
                 module.get_gpu_memory = saved
         vars(dataset).pop("dump_image", None)   # VLMEvalKit's own dump, not our faster one (prompts.fast_dump)
-        self.dataset, self.name = dataset, dataset.dataset_name
+        self.dataset, self.name, self.warm = dataset, dataset.dataset_name, warm
         self.model.set_dump_image(dataset.dump_image)
         # Its per-call progress bar only draws; vLLM 0.32 divides by its elapsed time, which is 0 on a
         # fast item (ZeroDivisionError), so the bar is off.
@@ -85,7 +85,8 @@ class VLMEvalLoop:
         from ..request import Result
 
         model, dataset, out = self.model, self.dataset, []
-        shutil.rmtree(dataset.img_root, ignore_errors=True)   # cold, as the pipeline's rounds
+        if not self.warm:   # cold, as the pipeline's rounds
+            shutil.rmtree(dataset.img_root, ignore_errors=True)
         custom = hasattr(model, "use_custom_prompt") and model.use_custom_prompt(self.name)
         with contextlib.redirect_stdout(io.StringIO()):   # it prints a line per item
             for i in range(len(dataset.data)):
