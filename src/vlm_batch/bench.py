@@ -7,12 +7,19 @@ for the model, (e) VLMEvalKit's own loop: its model class on its own vLLM engine
 Predictions must agree across all of them. CPU time per item, here and in child processes (vLLM's
 engine core), shows which side bounds each.
 
-Each round of the pipeline starts cold for what an evaluation does once per item: VLMEvalKit's
-image files under `$LMUData/images/NAME` are removed first, so they are decoded and written again.
+Each round of the pipeline and of VLMEvalKit's loop starts cold for what an evaluation does once per
+item: VLMEvalKit's image files under `$LMUData/images/NAME` are removed first, so they are decoded
+and written again. `--warm` keeps them, as a second evaluation of the same dataset finds them.
+
+Workloads shaped like real benchmarks: `--dataset VLMBatchPhotos` (1024x768 JPEGs) or `VLMBatchScans`
+(2000x1500), and `--answer-tokens N`, which makes every mode, VLMEvalKit's loop included, write
+exactly N tokens per answer (an open-answer or caption set's length).
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import platform
 import shutil
@@ -22,6 +29,8 @@ import time
 from .engines import engine_stats, load
 from .placement.stream import generate
 from .prepare import Preparer, build_requests, rows_of
+from .stages import Ledger, lines
+from .stages import here as costs
 from .vlmeval.datasets import load_dataset
 from .vlmeval.loop import VLMEvalLoop, has_vllm_path
 
@@ -69,8 +78,10 @@ def _texts(results) -> dict:
 
 
 def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128, fixed: int = 4,
-              engine_options: dict | None = None, prep_workers: int = 0, repeat: int = 5,
-              log=print) -> dict:
+              engine_options: dict | None = None, prep_workers: int | None = None, repeat: int = 5,
+              answer_tokens: int | None = None, warm: bool = False, log=print) -> dict:
+    if answer_tokens:
+        card = forced(card, engine, answer_tokens)
     dataset = load_dataset(dataset_name, limit)
     failures: list = []
     requests, prep_s, _ = _timed(lambda: list(build_requests(card, dataset, failures)))
@@ -84,9 +95,17 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
     eng = load(engine, card, **options)
     chunks = [requests[i:i + fixed] for i in range(0, len(requests), fixed)]
 
+    stage_costs: dict = {}
+
     def pipeline():
-        shutil.rmtree(fresh.img_root, ignore_errors=True)   # cold: as an evaluation meets each item once
-        return list(generate(card, eng, preparer.requests(failures, rows_of(fresh))))
+        if not warm:   # cold: as an evaluation meets each item once
+            shutil.rmtree(fresh.img_root, ignore_errors=True)
+        costs.take()   # what the other modes left
+        preparer.ledger = Ledger()
+        out = list(generate(card, eng, preparer.requests(failures, rows_of(fresh))))
+        preparer.ledger.add(costs.take(), "this process")
+        stage_costs.update(preparer.ledger.report())
+        return out
 
     runs = {
         "one_at_a_time": lambda: [r for q in requests for r in eng.run_batch([q])],
@@ -94,7 +113,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "vlm_batch": lambda: list(eng.generate(requests)),
         "pipeline": pipeline,
     }
-    loop = VLMEvalLoop(card, load_dataset(dataset_name, limit), options) if engine == "vllm" and \
+    loop = VLMEvalLoop(card, load_dataset(dataset_name, limit), options, answer_tokens, warm) if engine == "vllm" and \
         has_vllm_path(card) else None
     if loop is not None:
         runs["vlmeval_loop"] = loop
@@ -117,6 +136,7 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
                     details = engine_stats(eng)
                     tokens = [r.output_tokens for r in out]
                     details["failed_items"] = sum(not r.ok for r in out)
+        ceiling = feed_ceiling(card, dataset_name, limit, eng, log, warm=warm) if engine == "vllm" else {}
     finally:
         eng.close()
         preparer.close()
@@ -132,6 +152,11 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         log(f"  {name.replace('_', ' '):<16} {len(requests) / seconds:8.2f} items/s (first round "
             f"{len(requests) / times[name][0]:.2f})   per item: {ms['wall']:.2f} ms wall, CPU "
             f"{ms['this_process']:.2f} ms here + {ms['child_processes']:.2f} ms in child processes")
+    stage_costs = {"base64": {"this process": base64_ms(dataset)}, **stage_costs}
+    log("  CPU per item in the whole pipeline, by stage and process (the last round; base64 measured "
+        "apart, it is part of the dump):")
+    for line in lines(stage_costs):
+        log(line)
     rate = {k: len(requests) / v for k, v in modes.items()}
     first = {k: round(len(requests) / v[0], 2) for k, v in times.items()}
     reference = outputs["one_at_a_time"][0]
@@ -143,6 +168,8 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         "mean_output_tokens": round(statistics.mean(tokens), 2) if tokens else None,
         "caches_off": sorted(NO_REPEAT_CACHES) if engine == "vllm" else [],
         "prep_workers": preparer.workers,
+        "answer_tokens": answer_tokens,
+        "image_files": "warm: kept between rounds" if warm else "cold: written again each round",
         "repeat": repeat,
         "seconds": {k: round(v, 3) for k, v in modes.items()},
         "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
@@ -159,9 +186,52 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
         },
         "same_predictions": agree,
         "engine_details": details,
+        "stage_cpu_ms_per_item": stage_costs,
+        "feed_ceiling_items_per_s": ceiling,
         "warnings": _warnings(details),
     }
     return report
+
+
+def base64_ms(dataset) -> float:
+    """CPU ms per item of decoding the TSV's base64 alone (VLMEvalKit's dump does it first)."""
+    fields = [v for v in dataset.data["image"] if isinstance(v, str) and len(v) > 64] if "image" in dataset.data else []
+    if not fields:
+        return 0.0
+    started = time.thread_time()
+    for value in fields:
+        base64.b64decode(value)
+    return round(1e3 * (time.thread_time() - started) / len(fields), 3)
+
+
+def feed_ceiling(card, dataset_name: str, limit: int, eng, log, workers=None, warm: bool = False) -> dict:
+    """Items/s the pipeline delivers with the model taken away, for each number of preparation
+    workers: rows to VLMEvalKit's prompts and images, the plugin's requests, and vLLM's renderer
+    (its multimodal processing, in this process), everything `eval` does before the model. If it is
+    not well above the engine's rate, a faster engine (a GPU) would wait on the CPU."""
+    from .engines.threads import cores
+
+    dataset = load_dataset(dataset_name, limit)
+    counts = workers or sorted({0, 1, 2, min(4, max(2, cores()))})
+    out = {}
+    for count in counts:
+        if not warm:
+            shutil.rmtree(dataset.img_root, ignore_errors=True)
+        with Preparer(card, {dataset.dataset_name: dataset}, count) as preparer:
+            started, n = time.perf_counter(), 0
+            for request in preparer.requests([], rows_of(dataset)):
+                eng.render(request)
+                n += 1
+            out[count] = round(n / (time.perf_counter() - started), 2)
+        log(f"  feed ceiling, {count} preparation workers: {out[count]:8.2f} items/s (no model: rows to "
+            "vLLM's renderer)")
+    return out
+
+
+def forced(card, engine: str, tokens: int):
+    """The card, its every answer made exactly `tokens` long: no end token before then."""
+    force = {"min_tokens": tokens} if engine == "vllm" else {"min_new_tokens": tokens}
+    return dataclasses.replace(card, max_new_tokens=tokens, generation={**(card.generation or {}), **force})
 
 
 def _warnings(details: dict) -> list[str]:

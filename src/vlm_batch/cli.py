@@ -115,8 +115,9 @@ def cli():
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows of each dataset.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship their own code.")
 @click.option("--nproc", default=4, show_default=True, help="Judge processes.")
-@click.option("--prep-workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Processes preparing prompts and images (0: this one); helps when images are large.")
+@click.option("--prep-workers", type=click.IntRange(min=0),
+              help="Processes preparing prompts and images (0: this one); default: one per core for "
+                   "photo-sized images (at most 8), none for small ones.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any item failed.")
 @click.option("--truncate", is_flag=True, help="Cut the text of a prompt longer than the model's context, "
               "keeping its images, start and end (options, instruction), instead of failing the item; "
@@ -237,12 +238,17 @@ def _print(result, settings) -> None:
 @click.option("--chart", "chart_path", default="bench.png", show_default=True, help="A bar chart of them.")
 @click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True,
               help="Interleaved rounds; each mode's median is reported.")
-@click.option("--prep-workers", type=click.IntRange(min=0), default=0, show_default=True, help="As in eval.")
+@click.option("--prep-workers", type=click.IntRange(min=0), help="As in eval.")
+@click.option("--answer-tokens", type=click.IntRange(min=1),
+              help="Make every answer exactly N tokens long, in every mode (e.g. 128: an open-answer set's).")
+@click.option("--warm", is_flag=True,
+              help="Keep VLMEvalKit's image files between rounds, as a second evaluation of a dataset finds them.")
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_path, repeat, prep_workers,
-          trust_remote_code, verbose):
-    """Items/s one at a time, in fixed batches of 4, and batched by vlm-batch, in one run."""
+          answer_tokens, warm, trust_remote_code, verbose):
+    """Items/s one at a time, in fixed batches of 4, and batched by vlm-batch, in one run; photo-sized
+    images with --dataset VLMBatchPhotos or VLMBatchScans, long answers with --answer-tokens."""
     setup_logging(verbose)
     quiet_when_piped()
     card = _resolve_model(model_name)
@@ -255,7 +261,8 @@ def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_
     try:
         decide(card, engine, trust_remote_code)
         report = run_bench(card, dataset_name, engine=engine, limit=limit, engine_options=options,
-                           prep_workers=prep_workers, repeat=repeat, log=click.echo)
+                           prep_workers=prep_workers, repeat=repeat, answer_tokens=answer_tokens, warm=warm,
+                           log=click.echo)
     except (DatasetError, EngineError) as exc:
         _fail(str(exc))
     write_json(report, json_path)
@@ -278,46 +285,14 @@ def bench(model_name, dataset_name, engine, limit, batch_size, json_path, chart_
 def models(show_all):
     """Every model name by family, the plugin serving it and its engines."""
     from .plugins import get_models, get_unserved
+    from .served import listing
 
     cards = get_models()
     unserved = get_unserved() if show_all else []
     if not cards and not unserved:
         click.echo("No models: install a model plugin (see the README).")
         return
-    click.echo("\n".join(_family_listing(cards, unserved)))
-
-
-def _family_listing(cards: dict, unserved: list) -> list[str]:
-    """One block per family: a heading with its counts, then a line per name (the name first)."""
-    families: dict = {}
-    for card in cards.values():
-        families.setdefault(card.family, ([], []))[0].append(card)
-    for item in unserved:
-        families.setdefault(item.family or item.plugin, ([], []))[1].append(item)
-    from .vlmeval.registry import entries
-
-    names = entries()
-    width = max(len(n) for n in [*cards, *(u.name for u in unserved)])
-    blocks = []
-    for family in sorted(families, key=str.lower):
-        served, cannot = families[family]
-        registered = [c for c in served if c.name in names]
-        classes = sorted({c.vlmeval_class for c in [*registered, *cannot] if c.vlmeval_class})
-        plugins = sorted({c.plugin for c in served} | {u.plugin for u in cannot})
-        head = f"{family}: {len(served)} model{'s' if len(served) != 1 else ''} (plugin {', '.join(plugins)}"
-        if classes:
-            total = sum(1 for e in names.values() if e.cls in classes)
-            head += f"; {len(registered)} of the {total} names of VLMEvalKit's {', '.join(classes)}"
-        head += ")"
-        lines = [head]
-        for card in sorted(served, key=lambda c: c.name.lower()):
-            extra = " (demo)" if card.demo else ""
-            note = f"  [{card.description}]" if card.vlmeval_class and card.description else ""
-            lines.append(f"{card.name:<{width}}  {card.plugin}  engines: {', '.join(card.engines)}{extra}{note}")
-        for item in sorted(cannot, key=lambda u: u.name.lower()):
-            lines.append(f"{item.name:<{width}}  {item.plugin}  not served: {item.reason}")
-        blocks.append("\n".join(lines))
-    return blocks
+    click.echo("\n".join(listing(cards, unserved)))
 
 
 @cli.command()

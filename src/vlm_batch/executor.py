@@ -18,10 +18,13 @@ from contextlib import contextmanager
 
 from . import __version__, report, state
 from .engines import EngineError
+from .engines.threads import seen
 from .finisher import DatasetRun, Finisher
 from .journal import Journal, key
 from .progress import brief
 from .report import RunSummary
+from .stages import Ledger
+from .stages import here as costs
 from .request import Result
 from .timeline import Timeline
 from .vlmeval.datasets import needs_download
@@ -188,7 +191,8 @@ class Executor:
                     now = time.time()
                     run.first_at = run.first_at or now
                     run.last_at = now
-                    run.journal.append(result)
+                    with costs.stage("journal"):
+                        run.journal.append(result)
                     run.results[key(result.index)] = result
                     run.left -= 1
                     if bar is not None:
@@ -212,7 +216,12 @@ class Executor:
                 raise EngineError(message) from exc
             finally:
                 used, stats = start.describe()
+                threads = seen(getattr(preparer, "worker_threads", {}))
+                ledger = getattr(preparer, "ledger", None) or Ledger()
+                ledger.add(costs.take(), "this process")
+                stage_costs = ledger.report()
                 for run in runs:
+                    run.summary.threads, run.summary.stages = threads, stage_costs
                     run.summary.engine = used
                     run.summary.engine_fallback = start.fallback
                     run.summary.engine_stats = stats

@@ -42,9 +42,26 @@ def _flatten(img):
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+_written: dict = {}   # path -> the picture just written there, for the open that follows (`written`)
+KEEP_WRITTEN = 64
+
+
+def written(path: str, picture) -> None:
+    """The picture just saved, losslessly, at `path`: opening `path` next gives it without decoding the
+    file again (20 ms for a 1024x768 PNG). Only modes a PNG gives back as they were."""
+    if picture.mode not in ("RGB", "L") or picture.width * picture.height > MAX_PIXELS:
+        return
+    _written[path] = (os.stat(path).st_mtime_ns, picture)
+    while len(_written) > KEEP_WRITTEN:   # rows that failed before opening theirs
+        _written.pop(next(iter(_written)))
+
+
 def open_rgb(path: str):
     from PIL import Image, UnidentifiedImageError
 
+    kept = _written.pop(path, None)
+    if kept is not None and os.path.exists(path) and os.stat(path).st_mtime_ns == kept[0]:
+        return _flatten(kept[1])
     if not os.path.exists(path):
         raise ImageError(f"image file not found: {path}")
     try:

@@ -1,22 +1,25 @@
 """Row -> prompt -> request: VLMEvalKit's message for a row, its images decoded, the plugin's Request.
 
-Preparation is Python work that holds the GIL. With `workers > 0` forked processes do it on other
-cores, which pays where decoding is heavy (large images, many cores). The pool forks before any
-engine starts, so workers inherit the loaded plugins and VLMEvalKit but no engine state.
-On the 2-core CPU we test on, a pool did not beat in-process preparation (0.83x vs 0.86x of the
-bare engine, transformers, median of 5), so in-process is the default.
+Preparation is Python work that holds the GIL. Workers (forked processes) do it on other cores, which
+pays where decoding is heavy: photo-sized images, where VLMEvalKit's image dump and decoding cost
+milliseconds an item. The pool forks before any engine starts, so workers inherit the loaded plugins
+and VLMEvalKit but no engine state. How many, unless the user says: `engines.threads.prep_workers`.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import multiprocessing as mp
+import os
 from collections import deque
 
 from .images import open_rgb
 from .plugins import hooks
 from .request import Result
+from .stages import Ledger
+from .stages import here as costs
 from .vlmeval.prompts import prompt_builder
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,10 @@ def prepare(card, index, message, dataset_name: str, fit=None, family=None):
     family = family or hooks(card)
 
     def one(message):
-        request = family.prepare(decode_images(message), dataset_name)
+        with costs.stage("open"):
+            message = decode_images(message)
+        with costs.stage("prepare"):
+            request = family.prepare(message, dataset_name)
         if request is None:
             raise PluginError(f"no plugin prepares requests for '{card.name}' (family {card.family})")
         return request
@@ -52,8 +58,32 @@ def prepare(card, index, message, dataset_name: str, fit=None, family=None):
     if request.truncated:
         log.warning("item %s of %s: prompt cut from %d to %d tokens to fit the context (--truncate)",
                     index, dataset_name, *request.truncated)
-    request.prompt_tokens = request.prompt_tokens or prompt_tokens(card, request)
+    with costs.stage("prepare", items=0):
+        request.prompt_tokens = request.prompt_tokens or prompt_tokens(card, request)
     return request
+
+
+def build_message(build, line):
+    """VLMEvalKit's message for a row, its prompt building and its image dump timed apart."""
+    dumped = costs.seconds["dump"]
+    with costs.stage("prompt"):
+        message = build(line)
+    costs.seconds["prompt"] -= costs.seconds["dump"] - dumped   # the dump inside it is its own stage
+    return message
+
+
+def timed_dump(dataset) -> None:
+    """The dataset's image dump, timed as its own stage (once per dataset object)."""
+    dump = dataset.dump_image
+    if getattr(dump, "timed", False):
+        return
+
+    def timed(line):
+        with costs.stage("dump"):
+            return dump(line)
+
+    timed.timed = True
+    dataset.dump_image = timed
 
 
 def prepare_row(card, dataset, build, i: int, fit=None, family=None):
@@ -61,7 +91,7 @@ def prepare_row(card, dataset, build, i: int, fit=None, family=None):
     line = dataset.data.iloc[i]
     index = line["index"]
     try:
-        request = prepare(card, index, build(line), dataset.dataset_name, fit, family)
+        request = prepare(card, index, build_message(build, line), dataset.dataset_name, fit, family)
         request.position = i
         return request
     except Exception as exc:
@@ -79,6 +109,7 @@ class Builders:
 
     def row(self, name: str, position: int):
         if name not in self._built:
+            timed_dump(self.datasets[name])
             self._built[name] = prompt_builder(self.card, self.datasets[name])
         return prepare_row(self.card, self.datasets[name], self._built[name], position, self.fit, self.family)
 
@@ -88,24 +119,42 @@ _worker: dict = {}
 
 def _init(card, datasets, fit):
     from .engines.processes import die_with_parent
+    from .engines.threads import one_thread
 
     die_with_parent()   # a worker outlives no run, even one killed with -9
+    one_thread()
+    costs.take()   # what this process had measured before the fork is the parent's to report
     _worker["builders"] = Builders(card, datasets, fit)
 
 
-def _prepare_chunk(chunk: list[tuple[str, int]]) -> list:
-    return [_worker["builders"].row(name, position) for name, position in chunk]
+def _prepare_chunk(chunk: list[tuple[str, int]]) -> tuple:
+    """The chunk's rows; who prepared them, with how many torch threads; and what each stage cost."""
+    from .engines.threads import torch_threads
+
+    rows = [_worker["builders"].row(name, position) for name, position in chunk]
+    return rows, (os.getpid(), torch_threads()), costs.take()
 
 
 class Preparer:
     """Requests (or failed Results) for a stream of (dataset name, row position), in order."""
 
-    def __init__(self, card, datasets: dict, workers: int = 0, fit=None):
+    def __init__(self, card, datasets: dict, workers: int | None = 0, fit=None):
+        from .engines.threads import prep_workers
+
         self.builders = Builders(card, datasets, fit)
         self.pool = None
+        workers = prep_workers(workers, datasets)
         if workers > 0 and "fork" in mp.get_all_start_methods():
-            self.pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(card, datasets, fit))
+            # The heap a worker inherits, out of its garbage collector's sight: a collection that walked
+            # it would copy each page it touched, on the worker's clock.
+            gc.freeze()
+            try:
+                self.pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(card, datasets, fit))
+            finally:
+                gc.unfreeze()
         self.workers = workers if self.pool is not None else 0
+        self.worker_threads: dict = {}   # pid -> torch threads, as each worker reported them
+        self.ledger = Ledger()           # the workers' stage costs, as they sent them back
 
     def __call__(self, work):
         if self.pool is None:
@@ -120,7 +169,10 @@ class Preparer:
                            for chunk in itertools.islice(chunks, LOOKAHEAD - len(pending)))
             if not pending:
                 return
-            yield from pending.popleft().get()
+            rows, (pid, threads), taken = pending.popleft().get()
+            self.worker_threads[pid] = threads
+            self.ledger.add(taken, "preparation workers")
+            yield from rows
 
     def requests(self, failures: list, work):
         """Only the Requests; rows that cannot become one go to `failures`."""

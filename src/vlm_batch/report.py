@@ -44,6 +44,8 @@ class RunSummary:
     engine_fallback: str | None = None           # why the engine asked for was not used
     truncated: int = 0                           # items whose text --truncate cut to fit the context
     judge: dict = field(default_factory=dict)    # the LLM judge's model, calls, failures, calls/s, time
+    threads: dict = field(default_factory=dict)  # each process's compute threads (engines.threads.seen)
+    stages: dict = field(default_factory=dict)   # CPU ms per item of each stage, by process (stages.py)
 
     @property
     def items_per_s(self) -> float:
@@ -136,6 +138,8 @@ def run_report(summary: RunSummary, card) -> dict:
         "prediction_file": summary.prediction_file,
         "score": _score(summary.score), "eval_error": summary.eval_error,
         "judge": summary.judge or None,
+        "threads": summary.threads or None,
+        "stage_cpu_ms_per_item": summary.stages or None,
     }
 
 
@@ -214,6 +218,19 @@ def describe(summary: RunSummary, verbose: bool = False) -> list[str]:
                    else str(summary.score))
     if verbose and summary.phases_s:
         out.append("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary.phases_s.items()))
+    if verbose and summary.threads:
+        t = summary.threads
+        workers = list(t.get("prep_workers", {}).values())
+        engines = [v for v in t.get("engine_processes", {}).values() if v]
+        out.append(f"threads ({t['cores']} cores): this process {t['this_process']}, "
+                   f"{len(workers)} preparation workers" + (f" x {max(workers)}" if workers else "")
+                   + (f", engine process {engines[0]}" if engines else "")
+                   + (" (OMP_NUM_THREADS set by you)" if t.get("user_set") else ""))
+    if verbose and summary.stages:
+        from .stages import lines
+
+        out.append("CPU per item, by stage and process (the model's compute aside):")
+        out.extend(lines(summary.stages))
     out.append(f"wall time {summary.wall_s:.1f}s")
     return out
 

@@ -164,3 +164,36 @@ def checkpoint_card(path: str) -> ModelCard:
     log.info("%s: a %s checkpoint, served by the plugin '%s' with VLMEvalKit's %s prompts", path, arch,
              out.plugin, cls)
     return out
+
+
+def listing(cards: dict, unserved: list) -> list[str]:
+    """One block per family: a heading with its counts, then a line per name (the name first)."""
+    families: dict = {}
+    for card in cards.values():
+        families.setdefault(card.family, ([], []))[0].append(card)
+    for item in unserved:
+        families.setdefault(item.family or item.plugin, ([], []))[1].append(item)
+    from .vlmeval.registry import entries
+
+    names = entries()
+    width = max(len(n) for n in [*cards, *(u.name for u in unserved)])
+    blocks = []
+    for family in sorted(families, key=str.lower):
+        served, cannot = families[family]
+        registered = [c for c in served if c.name in names]
+        classes = sorted({c.vlmeval_class for c in [*registered, *cannot] if c.vlmeval_class})
+        plugins = sorted({c.plugin for c in served} | {u.plugin for u in cannot})
+        head = f"{family}: {len(served)} model{'s' if len(served) != 1 else ''} (plugin {', '.join(plugins)}"
+        if classes:
+            total = sum(1 for e in names.values() if e.cls in classes)
+            head += f"; {len(registered)} of the {total} names of VLMEvalKit's {', '.join(classes)}"
+        head += ")"
+        lines = [head]
+        for card in sorted(served, key=lambda c: c.name.lower()):
+            extra = " (demo)" if card.demo else ""
+            note = f"  [{card.description}]" if card.vlmeval_class and card.description else ""
+            lines.append(f"{card.name:<{width}}  {card.plugin}  engines: {', '.join(card.engines)}{extra}{note}")
+        for item in sorted(cannot, key=lambda u: u.name.lower()):
+            lines.append(f"{item.name:<{width}}  {item.plugin}  not served: {item.reason}")
+        blocks.append("\n".join(lines))
+    return blocks

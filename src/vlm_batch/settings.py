@@ -29,7 +29,7 @@ class Settings:
     max_batch_memory: int | None = None    # bytes a transformers batch may use
     limit: int | None = None           # only the first N rows of each dataset
     trust_remote_code: bool = False
-    prep_workers: int = 0
+    prep_workers: int | None = None   # None: engines.threads.prep_workers decides
     strict: bool = False               # exit 1 when any item failed
     truncate: bool = False             # cut over-long prompts' text to fit, instead of failing them
     tp: int = 1                        # GPUs per engine (vLLM tensor parallel)

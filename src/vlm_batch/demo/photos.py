@@ -2,8 +2,8 @@
 ChartQA and DocVQA carry photos and scans of 500-2000 px, JPEGs of 100-300 KB): the sample set's
 questions, each shape drawn large on a textured, noisy background, saved as a JPEG of that size.
 
-    VLMBatchPhotos   640 rows, 1024x768 JPEGs (about 150 KB each)
-    VLMBatchScans    160 rows, 2000x1500 JPEGs (about 500 KB each)
+    VLMBatchPhotos   640 rows, 1024x768 JPEGs (about 120 KB each)
+    VLMBatchScans    160 rows, 2000x1500 JPEGs (about 450 KB each)
 
 Generating them takes a while (tens of seconds), so a set is written once into `$LMUData` and reused
 while its version file says it is this version's; they are not part of the default suite.
@@ -46,9 +46,10 @@ def photo(shape: str, colour: str, size: tuple, rng: random.Random):
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype("uint8"), "RGB")
 
 
-def rows(name: str, seed: int = 0) -> list[dict]:
+def rows(name: str, seed: int = 0, n: int | None = None) -> list[dict]:
     """The sample set's multiple-choice rows, each image a photo-sized JPEG of the same shape and colour."""
-    size, n = SIZES[name]
+    size, count = SIZES[name]
+    n = n or count
     rng = random.Random(seed)
     out = []
     for row, shape, colour in sample_data.items(n, seed):

@@ -155,7 +155,9 @@ SETS = {NAME: (None, rows), YN: ("yorn", yn_rows), VQA: ("vqa", vqa_rows), MULTI
 
 
 def is_sample(name: str) -> bool:
-    return name in SETS
+    from . import photos
+
+    return name in SETS or photos.is_photo_set(name)
 
 
 def kind_of(name: str) -> str | None:
@@ -180,6 +182,10 @@ def ensure(name: str, root: Path) -> Path:
     of the set is there."""
     import pandas as pd
 
+    from . import photos
+
+    if photos.is_photo_set(name):
+        return photos.ensure(name, root)
     path = root / f"{name}.tsv"
     data = SETS[name][1]()
     if not path.exists() or path.read_text() != pd.DataFrame(data).to_csv(sep="\t", index=False):

@@ -1,5 +1,5 @@
 """The processes beside ours: vLLM's engine process, forked from a forkserver that imported torch and
-vLLM beside this process's own import; the cores each process takes; and how each of them ends when
+vLLM beside this process's own import, and how each of them ends when
 the process that started it ends, however it ends (`kill -9` included)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from multiprocessing import context as mp_context
 
 from .environment import gpus_visible
+from .threads import engine_process
 
 CHILD_IMPORTS = ["vlm_batch.engines.vllm_child"]
 WATCH_S = 0.5            # how often a process we start checks that its parent is still there
@@ -57,8 +58,16 @@ def start_forkserver() -> None:
     if "forkserver" not in mp.get_all_start_methods() or os.environ.get("VLM_BATCH_SPAWN"):
         return
     mp.get_context("forkserver").set_forkserver_preload(CHILD_IMPORTS)
-    with engine_threads(not gpus_visible()):
+    with engine_process(not gpus_visible()):
         forkserver.ensure_running()
+
+
+def _report_threads(proc) -> None:
+    """The engine process says how many torch threads it computes with (the run report's `threads`):
+    its environment as seen from outside is no guide, setproctitle writes over it."""
+    import torch
+
+    proc.torch_threads.value = torch.get_num_threads()
 
 
 class _Carried(mp_context.ForkServerProcess):
@@ -67,6 +76,7 @@ class _Carried(mp_context.ForkServerProcess):
 
     def start(self):
         self._environ = dict(os.environ)
+        self.torch_threads = mp_context._default_context.get_context("forkserver").RawValue("i", 0)
         _started.append(self)
         super().start()
 
@@ -80,6 +90,7 @@ class _Carried(mp_context.ForkServerProcess):
             pass
         os.environ.clear()
         os.environ.update(self._environ)
+        _report_threads(self)
         super().run()
 
 
@@ -87,11 +98,13 @@ class _Watched(mp_context.SpawnProcess):
     """A spawned process (VLM_BATCH_SPAWN=1) that ends with this one."""
 
     def start(self):
+        self.torch_threads = mp_context._default_context.get_context("spawn").RawValue("i", 0)
         _started.append(self)
         super().start()
 
     def run(self):
         die_with_parent()
+        _report_threads(self)
         super().run()
 
 
@@ -144,17 +157,4 @@ def one_engine_process(args: dict) -> None:
         from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
         args["distributed_executor_backend"] = UniProcExecutor
-
-
-@contextmanager
-def engine_threads(cpu: bool):
-    """The engine process, spawned inside this block, takes all cores but one: that one is ours."""
-    if not cpu or "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) - 1))
-    try:
-        yield
-    finally:
-        del os.environ["OMP_NUM_THREADS"]
 

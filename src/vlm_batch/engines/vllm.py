@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from ..request import Result
 from . import EngineError, on_gpu, sampling, token_ids
 from . import environment
-from .processes import engine_process_context, engine_threads, one_engine_process, start_forkserver
+from .processes import engine_process_context, one_engine_process, start_forkserver
+from ..stages import here as costs
+from .threads import beside_engine, engine_process
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ def engine_args(card, *, batch_size: int | None = None, trust_remote_code: bool 
     return args
 
 
+FIRST_STEP_S = 0.05   # a guess at a step's time until one is measured: small images fill the window first
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -86,10 +91,12 @@ class VLLMEngine:
         self.args = {k: v for k, v in args.items() if k not in ("model", "distributed_executor_backend")}
         args.setdefault("use_tqdm_on_load", verbose)   # its weight-loading bar ignores TQDM_DISABLE
         try:
-            with engine_threads(cpu), engine_process_context():
+            with engine_process(cpu), engine_process_context():
                 self.llm = LLM(**args)
         except Exception as exc:
             raise EngineError(f"vLLM could not start {card.name}: {type(exc).__name__}: {exc}") from exc
+        self._threads_back = beside_engine(cpu)
+        self._time_rendering()
         max_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         # Twice the running set: a finished slot is refilled from requests already queued.
         self.window = window or 2 * max_seqs
@@ -98,6 +105,20 @@ class VLLMEngine:
         self.stats = WindowStats()
         self._params: dict = {}
         self._watch_engine_core()
+
+    def _time_rendering(self) -> None:
+        """vLLM's multimodal processing and tokenizing of each prompt (its renderer, run in this process
+        inside `enqueue`) timed as a stage of its own. A private method: where a vLLM lacks it, the
+        submission's time holds it."""
+        render = getattr(self.llm, "_preprocess_cmpl_one", None)
+        if render is None:
+            return
+
+        def timed(*args, **kwargs):
+            with costs.stage("render"):
+                return render(*args, **kwargs)
+
+        self.llm._preprocess_cmpl_one = timed
 
     def _watch_engine_core(self) -> None:
         """Turn the engine core's death into an error where we wait for its output.
@@ -137,14 +158,26 @@ class VLLMEngine:
             self._params[key] = SamplingParams(**{**params, **sampling(self.card.generation, "vllm")})
         return self._params[key]
 
-    def _submit(self, request, stop_tokens: tuple = ()) -> str:
+    @staticmethod
+    def _prompt(request) -> dict:
         prompt = {"prompt": request.prompt}
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images}
         if request.mm_kwargs:
             prompt["mm_processor_kwargs"] = request.mm_kwargs
-        (request_id,) = self.llm.enqueue([prompt], self._sampling(request.max_new_tokens, stop_tokens),
-                                         use_tqdm=False)
+        return prompt
+
+    def render(self, request) -> None:
+        """What `enqueue` does to a request in this process, without the model: `bench`'s feed ceiling."""
+        self.llm._preprocess_cmpl_one(self._prompt(request))
+
+    def _submit(self, request, stop_tokens: tuple = ()) -> str:
+        prompt = self._prompt(request)
+        rendered = costs.seconds["render"]
+        with costs.stage("submit"):
+            (request_id,) = self.llm.enqueue([prompt], self._sampling(request.max_new_tokens, stop_tokens),
+                                             use_tqdm=False)
+        costs.seconds["submit"] -= costs.seconds["render"] - rendered   # its rendering is its own stage
         return request_id.split("-")[0]  # vLLM appends a random suffix internally; outputs use the base id
 
     def generate(self, requests, stop_tokens: tuple = (), batch=None):
@@ -166,11 +199,14 @@ class VLLMEngine:
         datasets: Counter = Counter()   # requests in flight per dataset: a suite's boundaries show here
         source = iter(requests)
         pending = True
+        step_s = FIRST_STEP_S
         while True:
             while pending and len(in_flight) < self.window:
                 # Prepare a group before handing any to vLLM: a trickle would have it run near-empty steps.
                 want = min(self.window - len(in_flight), self.gate)
+                started = time.perf_counter()
                 group = list(itertools.islice(source, want))
+                prepared_s = time.perf_counter() - started
                 pending = len(group) == want
                 for request in group:
                     try:
@@ -181,10 +217,15 @@ class VLLMEngine:
                     except Exception as exc:  # vLLM validates per request: too long, bad image, ...
                         stats.rejected += 1
                         yield Result.failed(request.index, exc, request.dataset)
+                if in_flight and prepared_s > step_s:
+                    break   # the feed is slower than the engine (large images): let it step meanwhile
             if not in_flight:
                 return
             stats.record(len(in_flight), pending, len(datasets))
-            for out in engine.step():
+            started = time.perf_counter()
+            outputs = engine.step()
+            step_s = time.perf_counter() - started
+            for out in outputs:
                 if not out.finished:
                     continue
                 request = in_flight.pop(out.request_id)
@@ -205,6 +246,7 @@ class VLLMEngine:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             stop(llm)
+            self._threads_back()
 
 
 def stop(llm) -> None:

@@ -10,6 +10,7 @@ import warnings
 
 from ..demo import sample_data
 from . import DatasetError, lmudata_root, quiet_import
+from .prompts import fast_dump
 from .rows import rows_set_aside
 
 
@@ -200,6 +201,7 @@ def load_dataset(name: str, limit: int | None = None, kind: str | None = None):
         raise DatasetError(f"Could not load dataset '{name}' from {tsv}: VLMEvalKit rejected the file "
                            "(it needs at least a `question` column)")
     dataset.bad_rows = bad   # each fails alone, when its prompt is built
+    fast_dump(dataset)
     if limit:
         dataset.data = dataset.data.iloc[:limit]
     return dataset

@@ -32,7 +32,7 @@ class VLMEvalLoop:
     process, the model's context) and its GPU check is told of a GPU: both are what let it run here.
     """
 
-    def __init__(self, card, dataset, options: dict):
+    def __init__(self, card, dataset, options: dict, answer_tokens: int | None = None, warm: bool = False):
         import vllm
 
         from ..engines import environment
@@ -64,18 +64,29 @@ class VLMEvalLoop:
             vllm.LLM = real
             if saved is not None:
                 module.get_gpu_memory = saved
-        self.dataset, self.name = dataset, dataset.dataset_name
+        vars(dataset).pop("dump_image", None)   # VLMEvalKit's own dump, not our faster one (prompts.fast_dump)
+        self.dataset, self.name, self.warm = dataset, dataset.dataset_name, warm
         self.model.set_dump_image(dataset.dump_image)
         # Its per-call progress bar only draws; vLLM 0.32 divides by its elapsed time, which is 0 on a
         # fast item (ZeroDivisionError), so the bar is off.
         llm = self.model.llm
-        llm.generate = functools.partial(llm.generate, use_tqdm=False)
+        generate = functools.partial(llm.generate, use_tqdm=False)
+
+        def forced(*args, sampling_params=None, **kwargs):
+            """Every answer exactly `answer_tokens` long, as bench's other modes."""
+            if answer_tokens and sampling_params is not None:
+                sampling_params = sampling_params.clone()
+                sampling_params.max_tokens = sampling_params.min_tokens = answer_tokens
+            return generate(*args, sampling_params=sampling_params, **kwargs)
+
+        llm.generate = forced
 
     def __call__(self):
         from ..request import Result
 
         model, dataset, out = self.model, self.dataset, []
-        shutil.rmtree(dataset.img_root, ignore_errors=True)   # cold, as the pipeline's rounds
+        if not self.warm:   # cold, as the pipeline's rounds
+            shutil.rmtree(dataset.img_root, ignore_errors=True)
         custom = hasattr(model, "use_custom_prompt") and model.use_custom_prompt(self.name)
         with contextlib.redirect_stdout(io.StringIO()):   # it prints a line per item
             for i in range(len(dataset.data)):

@@ -7,6 +7,7 @@ import os
 import os.path as osp
 import warnings
 
+from ..images import written
 from ..request import item_key
 from .registry import card_class
 from .rows import ItemError
@@ -92,6 +93,73 @@ def _write_images(dataset, line) -> bool:
         picture.save(path, format="PNG")
     return bool(targets)
 
+
+
+def fast_dump(dataset) -> None:
+    """VLMEvalKit's image dump with PNG's fastest compression: the same files at the same paths with the
+    same pixels (PNG is lossless; decoded by VLMEvalKit's own function), written 5x faster.
+
+    VLMEvalKit writes each row's base64 image to `{index}.png` at zlib level 6 before building its
+    prompt: 250 ms of CPU for a 1024x768 photo, ten times its JPEG decoding, and the largest cost
+    of the data path on photo-sized sets (level 1: 50 ms, for a file 10% larger). Files that exist
+    are left alone, as VLMEvalKit leaves them; other formats and whatever fails here (modes PNG cannot
+    hold) are left to VLMEvalKit's own dump.
+    """
+    dump = dataset.dump_image
+    if getattr(dump, "fast", False):
+        return
+
+    def fast(line):
+        try:
+            _write_pngs(dataset, line)
+        except Exception:   # VLMEvalKit's dump, below, meets it and says so
+            pass
+        return dump(line)
+
+    fast.fast = True
+    dataset.dump_image = fast
+
+
+def _write_pngs(dataset, line) -> None:
+    from vlmeval.smp import read_ok
+    from vlmeval.smp.vlm import decode_base64_to_image
+
+    for b64, path in _image_targets(dataset, line):
+        if not path.lower().endswith(".png"):
+            continue
+        if read_ok(path):
+            _kept(dataset, path, b64)
+            continue
+        picture = decode_base64_to_image(b64)   # VLMEvalKit's decoding and mode conversion
+        os.makedirs(osp.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"
+        picture.save(partial, format="PNG", compress_level=1)
+        os.replace(partial, path)   # whole or absent: a file cut short by a crash would be read as an image
+        written(path, picture)
+
+
+def _kept(dataset, path: str, b64: str) -> None:
+    """A file an earlier run wrote, from this TSV (written after the TSV was), holds the pixels of the
+    row's base64 losslessly: decoding the base64 (a JPEG, 5 ms for a 1024x768 photo) gives them 4x
+    cheaper than decoding the PNG (20 ms), for the open that follows. An older file is left to be read
+    as VLMEvalKit reads it."""
+    from PIL import Image
+    from vlmeval.smp import LMUDataRoot
+    from vlmeval.smp.vlm import decode_base64_to_image
+
+    tsv = getattr(dataset, "data_path", None) or osp.join(LMUDataRoot(), f"{dataset.dataset_name}.tsv")
+    try:
+        if os.stat(path).st_mtime_ns < os.stat(tsv).st_mtime_ns:
+            return
+
+        picture = decode_base64_to_image(b64)
+        with Image.open(path) as on_disk:   # its header only
+            if (on_disk.size, on_disk.mode) != (picture.size, picture.mode):
+                return
+        picture.load()
+    except Exception:   # unreadable either way: the open that follows says so
+        return
+    written(path, picture)
 
 
 def side_by_side(paths: list[str], height: int):
