@@ -7,6 +7,7 @@ that runs it: preparation workers send theirs back with their rows. `eval -v` an
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -24,20 +25,28 @@ STAGES = {
 
 
 class Costs:
-    """CPU seconds and item counts per stage, in one process."""
+    """CPU seconds and item counts per stage, in one process. A stage timed inside another (the dump
+    inside VLMEvalKit's prompt building, vLLM's renderer inside submission) counts as its own stage
+    only: the outer one is charged what is left."""
 
     def __init__(self):
         self.seconds: dict = defaultdict(float)
         self.items: dict = defaultdict(int)
+        self._open = threading.local()   # per thread: the CPU seconds of inner stages of each open stage
 
     @contextmanager
     def stage(self, name: str, items: int = 1):
+        inner = self._open.__dict__.setdefault("stack", [])
+        inner.append(0.0)
         started = time.thread_time()
         try:
             yield
         finally:
-            self.seconds[name] += time.thread_time() - started
+            spent = time.thread_time() - started
+            self.seconds[name] += spent - inner.pop()
             self.items[name] += items
+            if inner:
+                inner[-1] += spent
 
     def take(self) -> dict:
         """What was counted since the last take, as plain data (a worker sends it back with its rows)."""

@@ -62,6 +62,14 @@ def start_forkserver() -> None:
         forkserver.ensure_running()
 
 
+def _track(proc, method: str) -> None:
+    """An engine process about to start: listed, with room for the torch threads it will report."""
+    import multiprocessing as mp
+
+    proc.torch_threads = mp.get_context(method).RawValue("i", 0)
+    _started.append(proc)
+
+
 def _report_threads(proc) -> None:
     """The engine process says how many torch threads it computes with (the run report's `threads`):
     its environment as seen from outside is no guide, setproctitle writes over it."""
@@ -76,8 +84,7 @@ class _Carried(mp_context.ForkServerProcess):
 
     def start(self):
         self._environ = dict(os.environ)
-        self.torch_threads = mp_context._default_context.get_context("forkserver").RawValue("i", 0)
-        _started.append(self)
+        _track(self, "forkserver")
         super().start()
 
     def run(self):
@@ -98,8 +105,7 @@ class _Watched(mp_context.SpawnProcess):
     """A spawned process (VLM_BATCH_SPAWN=1) that ends with this one."""
 
     def start(self):
-        self.torch_threads = mp_context._default_context.get_context("spawn").RawValue("i", 0)
-        _started.append(self)
+        _track(self, "spawn")
         super().start()
 
     def run(self):

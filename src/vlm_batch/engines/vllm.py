@@ -173,11 +173,9 @@ class VLLMEngine:
 
     def _submit(self, request, stop_tokens: tuple = ()) -> str:
         prompt = self._prompt(request)
-        rendered = costs.seconds["render"]
-        with costs.stage("submit"):
+        with costs.stage("submit"):   # its rendering, inside, is a stage of its own
             (request_id,) = self.llm.enqueue([prompt], self._sampling(request.max_new_tokens, stop_tokens),
                                              use_tqdm=False)
-        costs.seconds["submit"] -= costs.seconds["render"] - rendered   # its rendering is its own stage
         return request_id.split("-")[0]  # vLLM appends a random suffix internally; outputs use the base id
 
     def generate(self, requests, stop_tokens: tuple = (), batch=None):
