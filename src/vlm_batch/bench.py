@@ -88,10 +88,14 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
     if failures:
         raise RuntimeError(f"{len(failures)} items could not be prepared, e.g. {failures[0].error}")
     fresh = load_dataset(dataset_name, limit)
-    preparer = Preparer(card, {fresh.dataset_name: fresh}, prep_workers)   # forks before the engine
     options = dict(engine_options or {})
+    render = None
     if engine == "vllm":
+        from .engines.vllm import rendering
+
         options = {**NO_REPEAT_CACHES, **options}
+        render = rendering(card, options)
+    preparer = Preparer(card, {fresh.dataset_name: fresh}, prep_workers, rendering=render)   # forks before the engine
     eng = load(engine, card, **options)
     chunks = [requests[i:i + fixed] for i in range(0, len(requests), fixed)]
 
@@ -136,7 +140,8 @@ def run_bench(card, dataset_name: str, *, engine: str = "vllm", limit: int = 128
                     details = engine_stats(eng)
                     tokens = [r.output_tokens for r in out]
                     details["failed_items"] = sum(not r.ok for r in out)
-        ceiling = feed_ceiling(card, dataset_name, limit, eng, log, warm=warm) if engine == "vllm" else {}
+        ceiling = feed_ceiling(card, dataset_name, limit, eng, log, warm=warm, rendering=render) \
+            if engine == "vllm" else {}
     finally:
         eng.close()
         preparer.close()
@@ -204,11 +209,13 @@ def base64_ms(dataset) -> float:
     return round(1e3 * (time.thread_time() - started) / len(fields), 3)
 
 
-def feed_ceiling(card, dataset_name: str, limit: int, eng, log, workers=None, warm: bool = False) -> dict:
+def feed_ceiling(card, dataset_name: str, limit: int, eng, log, workers=None, warm: bool = False,
+                 rendering=None) -> dict:
     """Items/s the pipeline delivers with the model taken away, for each number of preparation
     workers: rows to VLMEvalKit's prompts and images, the plugin's requests, and vLLM's renderer
-    (its multimodal processing, in this process), everything `eval` does before the model. If it is
-    not well above the engine's rate, a faster engine (a GPU) would wait on the CPU."""
+    (its multimodal processing: in the workers where `eval` would put it there, else in this
+    process), everything `eval` does before the model. If it is not well above the engine's rate, a
+    faster engine (a GPU) would wait on the CPU."""
     from .engines.threads import cores
 
     dataset = load_dataset(dataset_name, limit)
@@ -217,14 +224,15 @@ def feed_ceiling(card, dataset_name: str, limit: int, eng, log, workers=None, wa
     for count in counts:
         if not warm:
             shutil.rmtree(dataset.img_root, ignore_errors=True)
-        with Preparer(card, {dataset.dataset_name: dataset}, count) as preparer:
+        with Preparer(card, {dataset.dataset_name: dataset}, count, rendering=rendering) as preparer:
             started, n = time.perf_counter(), 0
             for request in preparer.requests([], rows_of(dataset)):
                 eng.render(request)
                 n += 1
             out[count] = round(n / (time.perf_counter() - started), 2)
+            where = "the workers" if preparer.rendering is not None else "this process"
         log(f"  feed ceiling, {count} preparation workers: {out[count]:8.2f} items/s (no model: rows to "
-            "vLLM's renderer)")
+            f"vLLM's renderer, which runs in {where})")
     return out
 
 

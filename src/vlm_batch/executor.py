@@ -175,7 +175,7 @@ class Executor:
             from .truncate import Fit
 
             fit = Fit(card, s.trust_remote_code)
-        with self.placement.preparer(card, {r.name: r.dataset for r in runs}, s.prep_workers, fit) as preparer:
+        with self.placement.preparer(card, {r.name: r.dataset for r in runs}, s.prep_workers, fit, start) as preparer:
             stream = self.placement.answer(card, start, preparer, work, on_restart=restarted)
             first, began = True, time.time()
             share_from = None   # rows of several datasets share the engine: each is given the stretch

@@ -4,6 +4,7 @@ Preparation is Python work that holds the GIL. Workers (forked processes) do it 
 pays where decoding is heavy: photo-sized images, where VLMEvalKit's image dump and decoding cost
 milliseconds an item. The pool forks before any engine starts, so workers inherit the loaded plugins
 and VLMEvalKit but no engine state. How many, unless the user says: `engines.threads.prep_workers`.
+Where there are several, they also render each request for vLLM (`engines.rendering`).
 """
 
 from __future__ import annotations
@@ -114,39 +115,47 @@ class Builders:
 _worker: dict = {}
 
 
-def _init(card, datasets, fit):
+def _init(card, datasets, fit, rendering):
     from .engines.processes import die_with_parent
     from .engines.threads import one_thread
 
     die_with_parent()   # a worker outlives no run, even one killed with -9
     one_thread()
     costs.take()   # what this process had measured before the fork is the parent's to report
-    _worker["builders"] = Builders(card, datasets, fit)
+    _worker["builders"], _worker["rendering"] = Builders(card, datasets, fit), rendering
 
 
-def _prepare_chunk(chunk: list[tuple[str, int]]) -> tuple:
-    """The chunk's rows; who prepared them, with how many torch threads; and what each stage cost."""
+def _prepare_chunk(chunk: list[tuple[str, int]], render: bool = False) -> tuple:
+    """The chunk's rows, rendered for vLLM if asked; who prepared them, with how many torch threads;
+    and what each stage cost."""
     from .engines.threads import torch_threads
 
     rows = [_worker["builders"].row(name, position) for name, position in chunk]
+    if render:
+        for row in rows:
+            if not isinstance(row, Result):
+                with costs.stage("render"):
+                    _worker["rendering"](row)
     return rows, (os.getpid(), torch_threads()), costs.take()
 
 
 class Preparer:
     """Requests (or failed Results) for a stream of (dataset name, row position), in order."""
 
-    def __init__(self, card, datasets: dict, workers: int | None = 0, fit=None):
-        from .engines.threads import prep_workers
+    def __init__(self, card, datasets: dict, workers: int | None = 0, fit=None, rendering=None):
+        from .engines.threads import prep_workers, render_in_workers
 
         self.builders = Builders(card, datasets, fit)
         self.pool = None
         workers = prep_workers(workers, datasets)
+        self.rendering = rendering if rendering is not None and render_in_workers(workers) else None
         if workers > 0 and "fork" in mp.get_all_start_methods():
             # The heap a worker inherits, out of its garbage collector's sight: a collection that walked
             # it would copy each page it touched, on the worker's clock.
             gc.freeze()
             try:
-                self.pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(card, datasets, fit))
+                self.pool = mp.get_context("fork").Pool(workers, initializer=_init,
+                                                   initargs=(card, datasets, fit, self.rendering))
             finally:
                 gc.unfreeze()
         self.workers = workers if self.pool is not None else 0
@@ -162,7 +171,8 @@ class Preparer:
         chunks = iter(lambda: list(itertools.islice(work, CHUNK)), [])
         pending: deque = deque()
         while True:
-            pending.extend(self.pool.apply_async(_prepare_chunk, (chunk,))
+            render = self.rendering is not None and self.rendering.wanted()
+            pending.extend(self.pool.apply_async(_prepare_chunk, (chunk, render))
                            for chunk in itertools.islice(chunks, LOOKAHEAD - len(pending)))
             if not pending:
                 return
@@ -170,6 +180,13 @@ class Preparer:
             self.worker_threads[pid] = threads
             self.ledger.add(taken, "preparation workers")
             yield from rows
+
+    def unrendered(self, request):
+        """The request as this process prepares it, images and all, for an engine that cannot take
+        what a worker rendered (transformers after vLLM failed to start); or a failed Result."""
+        if request.rendered is None:
+            return request
+        return self.builders.row(request.dataset, request.position)
 
     def requests(self, failures: list, work):
         """Only the Requests; rows that cannot become one go to `failures`."""

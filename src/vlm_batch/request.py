@@ -20,10 +20,12 @@ class Request:
     memory: int = 0                # device bytes it needs (estimate_memory hook), once computed
     position: int = -1             # the row's position in its dataset (set by the core)
     truncated: tuple | None = None  # (tokens before, after) when --truncate cut its text
+    rendered: tuple | None = None   # (engine key, vLLM's input) once a worker rendered it; `images` then dropped
+    image_count: int = 0           # the images it had before rendering dropped them
 
     @property
     def shape(self) -> tuple:
-        return (self.dataset, len(self.images))
+        return (self.dataset, self.image_count if self.rendered else len(self.images))
 
     @property
     def key(self) -> tuple:

@@ -80,6 +80,20 @@ class EngineStart:
             log.warning("%s: vLLM could not start it (%s); running it on transformers", self.card.name, cause)
             return self._load("hf", self.card, **self.options)
 
+    def rendering(self):
+        """How preparation workers may render requests for this engine (`engines.rendering`), or None:
+        not vLLM, or not an engine this run starts. Asked before the engine is up; once it has fallen
+        back to transformers, the workers stop rendering."""
+        if not self.owned or self.name != "vllm":
+            return None
+        from .vllm import rendering
+
+        try:
+            return rendering(self.card, self.options, wanted=lambda: self.name == "vllm")
+        except Exception as exc:   # the engine's start will say what is wrong; its process renders
+            log.debug("no rendering in workers: %s", exc)
+            return None
+
     def ready(self) -> bool:
         return self._thread is None or not self._thread.is_alive()
 

@@ -14,9 +14,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..request import Result
-from . import EngineError, on_gpu, sampling, token_ids
+from . import HF_ONLY, EngineError, on_gpu, sampling, token_ids
 from . import environment
 from .processes import engine_process_context, one_engine_process, start_forkserver
+from .rendering import Rendering, key_of, vllm_prompt
 from ..stages import here as costs
 from .threads import beside_engine, engine_process
 
@@ -60,8 +61,12 @@ class WindowStats:
 
 
 def engine_args(card, *, batch_size: int | None = None, trust_remote_code: bool = False, **overrides) -> dict:
-    """`vllm.LLM`'s arguments for this card on this machine (on CPU: float32, eager, one process)."""
-    args = {"model": card.path(), "seed": 0, **card.vllm_args}
+    """`vllm.LLM`'s arguments for this card on this machine (on CPU: float32, eager, one process).
+
+    vLLM's processed-image cache is off unless the card or the user turns it on: it would tie the
+    rendering of every request to this one process (see `rendering`), and benchmark rows rarely
+    repeat an image."""
+    args = {"model": card.path(), "seed": 0, "mm_processor_cache_gb": 0, **card.vllm_args}
     cpu = not on_gpu()
     if cpu:
         args.update({"dtype": "float32", "enforce_eager": True, **card.vllm_cpu_args})
@@ -72,6 +77,13 @@ def engine_args(card, *, batch_size: int | None = None, trust_remote_code: bool 
     if cpu:
         one_engine_process(args)
     return args
+
+
+def rendering(card, options: dict, wanted=None) -> Rendering | None:
+    """How preparation workers render for the engine `options` start, or None where only it can;
+    `wanted` says whether that engine is still to be vLLM's."""
+    kept = {k: v for k, v in options.items() if k not in ("window", "gate", "verbose", *HF_ONLY)}
+    return Rendering.of(engine_args(card, **kept), wanted)
 
 
 FIRST_STEP_S = 0.05   # a guess at a step's time until one is measured: small images fill the window first
@@ -89,6 +101,8 @@ class VLLMEngine:
         cpu = not on_gpu()
         self.card = card
         self.args = {k: v for k, v in args.items() if k not in ("model", "distributed_executor_backend")}
+        self.rendering_key = key_of(args)   # requests rendered for this key are taken as they are
+        self._ids = itertools.count()
         args.setdefault("use_tqdm_on_load", verbose)   # its weight-loading bar ignores TQDM_DISABLE
         try:
             with engine_process(cpu), engine_process_context():
@@ -149,33 +163,39 @@ class VLLMEngine:
         """Greedy unless the card samples, built once per length: vLLM copies them into each request
         anyway. The per-request seed makes a sampled answer the same whatever its batch."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         key = (max_new_tokens, stop_tokens)
         if key not in self._params:
-            params = {"temperature": 0.0, "max_tokens": max_new_tokens, "seed": 0}
+            params = {"temperature": 0.0, "max_tokens": max_new_tokens, "seed": 0,
+                      "output_kind": RequestOutputKind.FINAL_ONLY}   # what `enqueue` sets: the answer only
             if stop_tokens:
                 params["stop_token_ids"] = sorted(token_ids(self.llm.get_tokenizer(), stop_tokens))
             self._params[key] = SamplingParams(**{**params, **sampling(self.card.generation, "vllm")})
         return self._params[key]
 
-    @staticmethod
-    def _prompt(request) -> dict:
-        prompt = {"prompt": request.prompt}
-        if request.images:
-            prompt["multi_modal_data"] = {"image": request.images}
-        if request.mm_kwargs:
-            prompt["mm_processor_kwargs"] = request.mm_kwargs
-        return prompt
+    def _rendered(self, request):
+        """vLLM's input for a request a worker rendered for this engine; None: this process renders it."""
+        if request.rendered is None:
+            return None
+        key, engine_input = request.rendered
+        if key != self.rendering_key:   # its images are gone: rendering it here would drop them
+            raise ValueError("it was rendered for a vLLM engine with other arguments")
+        return engine_input
 
     def render(self, request) -> None:
         """What `enqueue` does to a request in this process, without the model: `bench`'s feed ceiling."""
-        self.llm._preprocess_cmpl_one(self._prompt(request))
+        if self._rendered(request) is None:
+            self.llm._preprocess_cmpl_one(vllm_prompt(request))
 
     def _submit(self, request, stop_tokens: tuple = ()) -> str:
-        prompt = self._prompt(request)
-        with costs.stage("submit"):   # its rendering, inside, is a stage of its own
-            (request_id,) = self.llm.enqueue([prompt], self._sampling(request.max_new_tokens, stop_tokens),
-                                             use_tqdm=False)
+        params = self._sampling(request.max_new_tokens, stop_tokens)
+        engine_input = self._rendered(request)
+        with costs.stage("submit"):   # a rendering, inside, is a stage of its own
+            if engine_input is not None:   # vLLM's documented path for inputs rendered elsewhere
+                request_id = self.llm.llm_engine.add_request(f"w{next(self._ids)}", engine_input, params)
+            else:
+                (request_id,) = self.llm.enqueue([vllm_prompt(request)], params, use_tqdm=False)
         return request_id.split("-")[0]  # vLLM appends a random suffix internally; outputs use the base id
 
     def generate(self, requests, stop_tokens: tuple = (), batch=None):

@@ -33,10 +33,11 @@ class Placement:
         """`action` on the process that writes; the others learn whether it failed."""
         return action()
 
-    def preparer(self, card, datasets: dict, workers: int = 0, fit=None):
+    def preparer(self, card, datasets: dict, workers: int = 0, fit=None, start=None):
+        """Rows to requests; its workers render them for `start`'s engine where they can."""
         from ..prepare import Preparer
 
-        return Preparer(card, datasets, workers, fit)
+        return Preparer(card, datasets, workers, fit, rendering=start.rendering() if start else None)
 
     def start(self, card, choice, options: dict):
         """The model's engine, starting: the one `choice` (an `engines.choice.Choice`) decided on."""
@@ -49,7 +50,7 @@ class Placement:
         be prepared come back as failed Results."""
         failures: list = []
         yield from answered(card, start, preparer.requests(failures, work), failures=failures,
-                            on_restart=on_restart)
+                            on_restart=on_restart, unrendered=preparer.unrendered)
 
     def model_failed(self, exc: BaseException) -> None:
         """A model could not run here; one process goes on with the next model."""

@@ -170,7 +170,7 @@ class RayPlacement(Placement):
     def start(self, card, choice, options: dict) -> ReplicaStart:
         return ReplicaStart(choice, self.options, options)
 
-    def preparer(self, card, datasets: dict, workers: int = 0, fit=None) -> _Datasets:
+    def preparer(self, card, datasets: dict, workers: int = 0, fit=None, start=None) -> _Datasets:
         return _Datasets(datasets, fit)
 
     def answer(self, card, start: ReplicaStart, preparer: _Datasets, work, on_restart=None):

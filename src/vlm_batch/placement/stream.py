@@ -7,6 +7,7 @@ import logging
 
 from ..engines import EngineError
 from ..plugins import hooks
+from ..request import Result
 
 log = logging.getLogger(__name__)
 RESTARTS = 1        # an engine that dies is restarted this many times per model
@@ -31,13 +32,14 @@ def generate(card, engine, requests):
 
 
 def answered(card, start, requests, *, failures: list | None = None, restarts: int = RESTARTS,
-             on_restart=None):
+             on_restart=None, unrendered=None):
     """Results for `requests` as they finish, through `start`'s engine (an `engines.start.EngineStart`).
 
     While the engine starts, up to HEAD requests are prepared. Items that failed before generation
     (`failures`, filled as `requests` is read) come back as they appear. An engine that dies is
     restarted up to `restarts` times (only one this run owns) and given the requests it had taken
-    but not answered."""
+    but not answered. A request rendered for another engine than the one that runs (vLLM fell back
+    to transformers) goes through `unrendered` first, which prepares it again, images and all."""
     failures = [] if failures is None else failures
     taken: dict = {}     # request key -> request, handed to the engine, unanswered
     source = iter(requests)
@@ -59,7 +61,7 @@ def answered(card, start, requests, *, failures: list | None = None, restarts: i
             head.append(request)
         engine = start.get()
         try:
-            for result in generate(card, engine, _chain(head, stream)):
+            for result in generate(card, engine, _usable(engine, _chain(head, stream), unrendered, failures)):
                 while failures:
                     yield failures.pop(0)
                 taken.pop(result.key, None)
@@ -77,6 +79,18 @@ def answered(card, start, requests, *, failures: list | None = None, restarts: i
             if on_restart:
                 on_restart(exc)
             start.restart()
+
+
+def _usable(engine, requests, unrendered, failures: list):
+    """The requests as `engine` can take them: one rendered for another engine is prepared again."""
+    key = getattr(engine, "rendering_key", None)
+    for request in requests:
+        if request.rendered is not None and request.rendered[0] != key and unrendered is not None:
+            request = unrendered(request)
+            if isinstance(request, Result):   # it could not be prepared again
+                failures.append(request)
+                continue
+        yield request
 
 
 def _chain(first, rest):

@@ -1,0 +1,103 @@
+"""vLLM's rendering done by the preparation workers: the engine answers a worker-rendered request
+exactly as one it rendered itself, and a request never reaches an engine that cannot take it."""
+
+import pytest
+
+from helpers import write_dataset
+from vlm_batch.demo import photos
+from vlm_batch.engines.rendering import Rendering
+from vlm_batch.engines.start import EngineStart
+from vlm_batch.engines.vllm import engine_args, rendering
+from vlm_batch.placement.stream import answered
+from vlm_batch.prepare import Preparer, rows_of
+from vlm_batch.request import Result
+from vlm_batch.vlmeval.datasets import load_dataset
+
+N = 16
+
+
+@pytest.fixture(scope="module")
+def photo_set():
+    import os
+    from pathlib import Path
+
+    return load_dataset(write_dataset(Path(os.environ["LMUData"]), "RenderPhotos",
+                                      photos.rows("VLMBatchPhotos", seed=11, n=N)))
+
+
+def prepared(card, dataset, workers, render=None):
+    failures: list = []
+    with Preparer(card, {dataset.dataset_name: dataset}, workers, rendering=render) as preparer:
+        requests = list(preparer.requests(failures, rows_of(dataset)))
+    assert not failures, failures[0].error
+    return requests
+
+
+def answers(engine, requests) -> dict:
+    return {r.index: (r.text, r.prompt_tokens, r.error) for r in engine.generate(requests)}
+
+
+@pytest.mark.engine
+def test_worker_rendered_requests_are_answered_as_rendered_here(vllm_engine, tiny_card, photo_set):
+    here = prepared(tiny_card, photo_set, 0)
+    there = prepared(tiny_card, photo_set, 2, rendering(tiny_card, {}))
+    assert all(r.rendered is None and len(r.images) == 1 for r in here)
+    assert all(r.rendered[0] == vllm_engine.rendering_key for r in there)
+    assert all(r.images == [] and r.shape == (photo_set.dataset_name, 1) for r in there)   # not sent back
+    expected = answers(vllm_engine, here)
+    assert answers(vllm_engine, there) == expected
+    assert len(expected) == N and all(error is None and tokens > 0 for _, tokens, error in expected.values())
+
+
+@pytest.mark.engine
+def test_a_request_rendered_for_other_arguments_fails_alone(vllm_engine, tiny_card, photo_set):
+    other = prepared(tiny_card, photo_set, 2, rendering(tiny_card, {"max_model_len": 1024}))[:3]
+    plain = prepared(tiny_card, photo_set, 0)[3:5]
+    out = {r.index: r for r in vllm_engine.generate(other + plain)}
+    assert all(not out[r.index].ok and "rendered for a vLLM engine with other arguments" in out[r.index].error
+               for r in other)
+    assert all(out[r.index].ok for r in plain)
+
+
+def test_transformers_gets_rendered_requests_prepared_again(tiny_card, photo_set):
+    """vLLM fell back to transformers after the workers had rendered: each such request is prepared
+    again here, images and all, and answered as if never rendered."""
+    from vlm_batch.engines.hf import HFEngine
+
+    engine = HFEngine(tiny_card)
+    try:
+        with Preparer(tiny_card, {photo_set.dataset_name: photo_set}, 2, rendering=rendering(tiny_card, {})) as pre:
+            failures: list = []
+            rendered = list(pre.requests(failures, rows_of(photo_set)))
+            assert all(r.rendered and not r.images for r in rendered)
+            got = {r.index: r.prediction for r in answered(tiny_card, EngineStart.running(engine), rendered,
+                                                           failures=failures, unrendered=pre.unrendered)}
+        expected = {r.index: r.prediction for r in engine.generate(prepared(tiny_card, photo_set, 0))}
+    finally:
+        engine.close()
+    assert got == expected and len(got) == N
+
+
+def test_one_worker_or_the_image_cache_keeps_rendering_in_the_engine(tiny_card, photo_set):
+    render = rendering(tiny_card, {})
+    assert render is not None
+    with Preparer(tiny_card, {photo_set.dataset_name: photo_set}, 1, rendering=render) as one:
+        assert one.workers == 1 and one.rendering is None   # one worker: the work would only move
+    assert rendering(tiny_card, {"mm_processor_cache_gb": 4}) is None   # the cache mirrors one renderer
+
+
+def test_a_worker_that_cannot_render_leaves_the_request_whole(tiny_card, photo_set):
+    request = prepared(tiny_card, photo_set, 0)[0]
+    broken = Rendering({**engine_args(tiny_card), "model": "/no/such/checkpoint"})
+    assert broken(request) is False and broken.broken
+    assert request.rendered is None and len(request.images) == 1
+
+
+def test_fallback_stops_the_workers_rendering(tiny_card, photo_set):
+    engine_is_vllm = [True]
+    render = rendering(tiny_card, {}, wanted=lambda: engine_is_vllm[0])
+    with Preparer(tiny_card, {photo_set.dataset_name: photo_set}, 2, rendering=render) as pre:
+        assert all(r.rendered for r in pre.requests([], rows_of(photo_set)))
+        engine_is_vllm[0] = False
+        again = list(pre(rows_of(photo_set)))
+    assert all(not isinstance(r, Result) and r.rendered is None and r.images for r in again)
