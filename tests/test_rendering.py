@@ -1,6 +1,10 @@
 """vLLM's rendering done by the preparation workers: the engine answers a worker-rendered request
 exactly as one it rendered itself, and a request never reaches an engine that cannot take it."""
 
+import resource
+import subprocess
+import sys
+
 import pytest
 
 from helpers import write_dataset
@@ -40,13 +44,20 @@ def answers(engine, requests) -> dict:
 @pytest.mark.engine
 def test_worker_rendered_requests_are_answered_as_rendered_here(vllm_engine, tiny_card, photo_set):
     here = prepared(tiny_card, photo_set, 0)
-    there = prepared(tiny_card, photo_set, 2, rendering(tiny_card, {}))
+    with Preparer(tiny_card, {photo_set.dataset_name: photo_set}, 2, rendering=rendering(tiny_card, {})) as pre:
+        there = list(pre.requests([], rows_of(photo_set)))
     assert all(r.rendered is None and len(r.images) == 1 for r in here)
-    assert all(r.rendered[0] == vllm_engine.rendering_key for r in there)
+    assert all(vllm_engine.takes(r) for r in there)
     assert all(r.images == [] and r.shape == (photo_set.dataset_name, 1) for r in there)   # not sent back
     expected = answers(vllm_engine, here)
     assert answers(vllm_engine, there) == expected
     assert len(expected) == N and all(error is None and tokens > 0 for _, tokens, error in expected.values())
+    # Sent, each input was let go (its shared-memory descriptors with it); an engine given them again,
+    # as a restart does, gets each row prepared again
+    assert not any(vllm_engine.takes(r) for r in there)
+    again = {r.index: (r.text, r.prompt_tokens, r.error)
+             for r in answered(tiny_card, EngineStart.running(vllm_engine), there, unrendered=pre.unrendered)}
+    assert again == expected
 
 
 @pytest.mark.engine
@@ -84,6 +95,21 @@ def test_one_worker_or_the_image_cache_keeps_rendering_in_the_engine(tiny_card, 
     with Preparer(tiny_card, {photo_set.dataset_name: photo_set}, 1, rendering=render) as one:
         assert one.workers == 1 and one.rendering is None   # one worker: the work would only move
     assert rendering(tiny_card, {"mm_processor_cache_gb": 4}) is None   # the cache mirrors one renderer
+
+
+def test_rendering_raises_the_open_file_limit_or_stays_in_the_engine(tmp_path):
+    check = "from vlm_batch.engines.rendering import room_for_descriptors as r; import resource; " \
+            "print(r(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    out = {}
+    for limits in ("-S -n 1024", "-n 1024"):   # the soft limit alone, or the hard one too
+        proc = subprocess.run(["bash", "-c", f"ulimit {limits} && {sys.executable} -c '{check}'"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        out[limits] = proc.stdout.split()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= 4096:
+        assert out["-S -n 1024"] == ["True", str(min(65535, hard) if hard != resource.RLIM_INFINITY else 65535)]
+    assert out["-n 1024"] == ["False", "1024"]
 
 
 def test_a_worker_that_cannot_render_leaves_the_request_whole(tiny_card, photo_set):

@@ -143,12 +143,14 @@ class Preparer:
     """Requests (or failed Results) for a stream of (dataset name, row position), in order."""
 
     def __init__(self, card, datasets: dict, workers: int | None = 0, fit=None, rendering=None):
+        from .engines.rendering import room_for_descriptors
         from .engines.threads import prep_workers, render_in_workers
 
         self.builders = Builders(card, datasets, fit)
         self.pool = None
         workers = prep_workers(workers, datasets)
-        self.rendering = rendering if rendering is not None and render_in_workers(workers) else None
+        self.rendering = rendering if rendering is not None and render_in_workers(workers) and \
+            room_for_descriptors() else None
         if workers > 0 and "fork" in mp.get_all_start_methods():
             # The heap a worker inherits, out of its garbage collector's sight: a collection that walked
             # it would copy each page it touched, on the worker's clock.

@@ -20,7 +20,8 @@ class Request:
     memory: int = 0                # device bytes it needs (estimate_memory hook), once computed
     position: int = -1             # the row's position in its dataset (set by the core)
     truncated: tuple | None = None  # (tokens before, after) when --truncate cut its text
-    rendered: tuple | None = None   # (engine key, vLLM's input) once a worker rendered it; `images` then dropped
+    rendered: tuple | None = None   # (engine key, vLLM's input; None once sent) where a worker rendered it;
+                                   # its `images` are then dropped
     image_count: int = 0           # the images it had before rendering dropped them
 
     @property

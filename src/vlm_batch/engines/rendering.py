@@ -19,6 +19,10 @@ import logging
 
 log = logging.getLogger(__name__)
 IGNORED = ("distributed_executor_backend",)   # how the engine runs, not what it renders
+# A rendered request's tensors arrive in shared memory, each holding an open file descriptor (about 3 a
+# photo) until the engine has sent them on. Requests prepared ahead (a few hundred) need this many.
+DESCRIPTORS = 4096
+WANTED_DESCRIPTORS = 65535   # what vLLM's server raises its own limit to
 
 
 def vllm_prompt(request) -> dict:
@@ -37,6 +41,26 @@ def key_of(args: dict) -> str:
 
 def cache_off(args: dict) -> bool:
     return args.get("mm_processor_cache_gb", 4) == 0
+
+
+def room_for_descriptors() -> bool:
+    """Raise this process's open-file limit as vLLM's server does; False where it stays under DESCRIPTORS."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= WANTED_DESCRIPTORS:
+        return True
+    target = WANTED_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(WANTED_DESCRIPTORS, hard)
+    try:
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (ValueError, OSError) as exc:
+        log.debug("open-file limit left at %s: %s", soft, exc)
+    if soft < DESCRIPTORS:
+        log.info("the engine's process renders: %d open files allowed, rendering in workers needs %d",
+                 soft, DESCRIPTORS)
+    return soft >= DESCRIPTORS
 
 
 class Rendering:

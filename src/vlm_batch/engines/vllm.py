@@ -174,14 +174,19 @@ class VLLMEngine:
             self._params[key] = SamplingParams(**{**params, **sampling(self.card.generation, "vllm")})
         return self._params[key]
 
+    def takes(self, request) -> bool:
+        """Whether a worker-rendered request can come here as it is: rendered for this engine's
+        arguments, and not yet sent (once sent, its input is let go: see `_submit`)."""
+        return request.rendered is not None and request.rendered[0] == self.rendering_key and \
+            request.rendered[1] is not None
+
     def _rendered(self, request):
         """vLLM's input for a request a worker rendered for this engine; None: this process renders it."""
         if request.rendered is None:
             return None
-        key, engine_input = request.rendered
-        if key != self.rendering_key:   # its images are gone: rendering it here would drop them
-            raise ValueError("it was rendered for a vLLM engine with other arguments")
-        return engine_input
+        if not self.takes(request):   # its images are gone: rendering it here would drop them
+            raise ValueError("it was rendered for a vLLM engine with other arguments, or already sent")
+        return request.rendered[1]
 
     def render(self, request) -> None:
         """What `enqueue` does to a request in this process, without the model: `bench`'s feed ceiling."""
@@ -194,6 +199,9 @@ class VLLMEngine:
         with costs.stage("submit"):   # a rendering, inside, is a stage of its own
             if engine_input is not None:   # vLLM's documented path for inputs rendered elsewhere
                 request_id = self.llm.llm_engine.add_request(f"w{next(self._ids)}", engine_input, params)
+                # Sent: its tensors, each holding an open descriptor while alive, go now, not when it is
+                # answered. A restart prepares it again (`placement.stream`).
+                request.rendered = (request.rendered[0], None)
             else:
                 (request_id,) = self.llm.enqueue([vllm_prompt(request)], params, use_tqdm=False)
         return request_id.split("-")[0]  # vLLM appends a random suffix internally; outputs use the base id

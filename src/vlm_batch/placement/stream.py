@@ -38,8 +38,9 @@ def answered(card, start, requests, *, failures: list | None = None, restarts: i
     While the engine starts, up to HEAD requests are prepared. Items that failed before generation
     (`failures`, filled as `requests` is read) come back as they appear. An engine that dies is
     restarted up to `restarts` times (only one this run owns) and given the requests it had taken
-    but not answered. A request rendered for another engine than the one that runs (vLLM fell back
-    to transformers) goes through `unrendered` first, which prepares it again, images and all."""
+    but not answered. A worker-rendered request the engine cannot take as it is (transformers after
+    vLLM failed to start, or one sent to an engine that died) goes through `unrendered` first, which
+    prepares it again, images and all."""
     failures = [] if failures is None else failures
     taken: dict = {}     # request key -> request, handed to the engine, unanswered
     source = iter(requests)
@@ -82,10 +83,11 @@ def answered(card, start, requests, *, failures: list | None = None, restarts: i
 
 
 def _usable(engine, requests, unrendered, failures: list):
-    """The requests as `engine` can take them: one rendered for another engine is prepared again."""
-    key = getattr(engine, "rendering_key", None)
+    """The requests as `engine` can take them: a rendering it cannot take is replaced by the row
+    prepared again."""
+    takes = getattr(engine, "takes", lambda request: False)
     for request in requests:
-        if request.rendered is not None and request.rendered[0] != key and unrendered is not None:
+        if request.rendered is not None and not takes(request) and unrendered is not None:
             request = unrendered(request)
             if isinstance(request, Result):   # it could not be prepared again
                 failures.append(request)
