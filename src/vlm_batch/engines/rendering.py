@@ -1,6 +1,6 @@
 """vLLM's rendering of a request (its multimodal processing and tokenizing), done where the request is
 prepared: in the preparation workers, on their cores, instead of in the one process that feeds the
-engine. At a real Qwen2-VL's pixel bounds one 1024x768 photo costs 12.6 ms of CPU to render; in the
+engine. At a real 7B model's pixel bounds one 1024x768 photo costs about 9.5 ms of CPU to render; in the
 feeding process that caps the whole run near 40 items/s on any number of cores.
 
 A worker builds vLLM's renderer from the engine's own arguments, so it renders exactly what the

@@ -114,7 +114,7 @@ def prep_workers(asked: int | None, datasets: dict) -> int:
 
 def render_in_workers(workers: int) -> bool:
     """Whether the preparation workers also render requests for vLLM. Not one alone: the work would
-    only move to another core, and cost a round trip more (at a real Qwen2-VL's pixel bounds, on
+    only move to another core, and cost a round trip more (at a real 7B model's pixel bounds, on
     photos: 28.6 items/s fed against 37.5 with this process rendering; two workers fed 51.0)."""
     return workers >= 2
 
