@@ -89,11 +89,13 @@ def test_transformers_gets_rendered_requests_prepared_again(tiny_card, photo_set
     assert got == expected and len(got) == N
 
 
-def test_one_worker_or_the_image_cache_keeps_rendering_in_the_engine(tiny_card, photo_set):
+def test_no_worker_or_the_image_cache_keeps_rendering_in_the_engine(tiny_card, photo_set):
     render = rendering(tiny_card, {})
     assert render is not None
+    with Preparer(tiny_card, {photo_set.dataset_name: photo_set}, 0, rendering=render) as none:
+        assert none.workers == 0 and none.rendering is None
     with Preparer(tiny_card, {photo_set.dataset_name: photo_set}, 1, rendering=render) as one:
-        assert one.workers == 1 and one.rendering is None   # one worker: the work would only move
+        assert one.workers == 1 and one.rendering is render
     assert rendering(tiny_card, {"mm_processor_cache_gb": 4}) is None   # the cache mirrors one renderer
 
 
@@ -127,3 +129,18 @@ def test_fallback_stops_the_workers_rendering(tiny_card, photo_set):
         engine_is_vllm[0] = False
         again = list(pre(rows_of(photo_set)))
     assert all(not isinstance(r, Result) and r.rendered is None and r.images for r in again)
+
+
+def test_the_workers_key_is_the_engines_for_every_option_it_takes():
+    """`rendering` drops the engine's own options by name; one it forgot would change the workers' key
+    and fail every rendered request, so the list is checked against the signatures."""
+    import inspect
+
+    from vlm_batch.engines import HF_ONLY
+    from vlm_batch.engines.vllm import OWN_OPTIONS, VLLMEngine
+
+    def named(fn):
+        return {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+    assert set(OWN_OPTIONS) == named(VLLMEngine.__init__) - named(engine_args)
+    assert not set(OWN_OPTIONS) & set(HF_ONLY)

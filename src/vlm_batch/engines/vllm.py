@@ -79,10 +79,13 @@ def engine_args(card, *, batch_size: int | None = None, trust_remote_code: bool 
     return args
 
 
+OWN_OPTIONS = ("window", "gate", "verbose")   # VLLMEngine's own; the rest of its options are `engine_args`'
+
+
 def rendering(card, options: dict, wanted=None) -> Rendering | None:
     """How preparation workers render for the engine `options` start, or None where only it can;
     `wanted` says whether that engine is still to be vLLM's."""
-    kept = {k: v for k, v in options.items() if k not in ("window", "gate", "verbose", *HF_ONLY)}
+    kept = {k: v for k, v in options.items() if k not in (*OWN_OPTIONS, *HF_ONLY)}
     return Rendering.of(engine_args(card, **kept), wanted)
 
 
