@@ -113,8 +113,8 @@ def prep_workers(asked: int | None, datasets: dict) -> int:
 
 
 def render_in_workers(workers: int) -> bool:
-    """Whether the preparation workers also render requests for vLLM: wherever there are any. At a real
-    Qwen2-VL's pixel bounds on photos (2 cores, 128 photos, feed ceiling) one worker fed 32.1-32.6
+    """Whether the preparation workers also render requests for vLLM: wherever there are any. At a
+    real 7B model's pixel bounds on photos (2 cores, 128 photos, feed ceiling) one worker fed 32.1-32.6
     items/s rendering against 25.8-26.8 leaving it here, two workers 60.3-61.8 against 46.0-54.1."""
     return workers >= 1
 
