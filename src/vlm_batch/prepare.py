@@ -4,7 +4,7 @@ Preparation is Python work that holds the GIL. Workers (forked processes) do it 
 pays where decoding is heavy: photo-sized images, where VLMEvalKit's image dump and decoding cost
 milliseconds an item. The pool forks before any engine starts, so workers inherit the loaded plugins
 and VLMEvalKit but no engine state. How many, unless the user says: `engines.threads.prep_workers`.
-Where there are several, they also render each request for vLLM (`engines.rendering`).
+Where there are any, they also render each request for vLLM (`engines.rendering`).
 """
 
 from __future__ import annotations
@@ -144,23 +144,24 @@ class Preparer:
 
     def __init__(self, card, datasets: dict, workers: int | None = 0, fit=None, rendering=None):
         from .engines.rendering import room_for_descriptors
-        from .engines.threads import prep_workers, render_in_workers
+        from .engines.threads import prep_workers
 
         self.builders = Builders(card, datasets, fit)
         self.pool = None
         workers = prep_workers(workers, datasets)
-        self.rendering = rendering if rendering is not None and render_in_workers(workers) and \
-            room_for_descriptors() else None
+        if rendering is not None and not room_for_descriptors():
+            rendering = None
         if workers > 0 and "fork" in mp.get_all_start_methods():
             # The heap a worker inherits, out of its garbage collector's sight: a collection that walked
             # it would copy each page it touched, on the worker's clock.
             gc.freeze()
             try:
                 self.pool = mp.get_context("fork").Pool(workers, initializer=_init,
-                                                   initargs=(card, datasets, fit, self.rendering))
+                                                   initargs=(card, datasets, fit, rendering))
             finally:
                 gc.unfreeze()
         self.workers = workers if self.pool is not None else 0
+        self.rendering = rendering if self.pool is not None else None   # only workers render ahead
         self.worker_threads: dict = {}   # pid -> torch threads, as each worker reported them
         self.ledger = Ledger()           # the workers' stage costs, as they sent them back
 

@@ -8,6 +8,10 @@ engine's process would. The result (vLLM's `EngineInput`) travels back tagged wi
 key; its tensors go through shared memory. The engine takes a request rendered for its own key as it
 is, and renders anything else itself.
 
+Every worker renders, even one alone. At those bounds (2 cores, 128 photos, feed ceiling) one worker
+fed 32.1-32.6 items/s rendering against 25.8-26.8 leaving it to the feeding process, two workers
+60.3-61.8 against 46.0-54.1.
+
 Only where vLLM's processed-image cache is off: that cache mirrors, in the engine's process, what the
 one rendering process has sent, and inputs rendered elsewhere would break the mirror.
 """

@@ -9,8 +9,8 @@ compute leaves the CPU, and this process and its workers share the cores.
 
 How many workers prepare rows, unless the user says, is decided here too, from the cores and the size
 of the images: decoding, VLMEvalKit's image dump and the plugin's work cost little on small images,
-where a worker's round trip costs more than it saves, and a lot on photos and scans. So is whether
-the workers also do vLLM's multimodal processing: `render_in_workers`.
+where a worker's round trip costs more than it saves, and a lot on photos and scans. Wherever there
+are workers they also do vLLM's multimodal processing (`engines.rendering`).
 """
 
 from __future__ import annotations
@@ -110,13 +110,6 @@ def prep_workers(asked: int | None, datasets: dict) -> int:
     if mean_image_bytes(datasets) < PHOTO_BYTES:
         return 0
     return min(MAX_WORKERS, cores())
-
-
-def render_in_workers(workers: int) -> bool:
-    """Whether the preparation workers also render requests for vLLM: wherever there are any. At a
-    real 7B model's pixel bounds on photos (2 cores, 128 photos, feed ceiling) one worker fed 32.1-32.6
-    items/s rendering against 25.8-26.8 leaving it here, two workers 60.3-61.8 against 46.0-54.1."""
-    return workers >= 1
 
 
 def seen(worker_threads: dict) -> dict:
